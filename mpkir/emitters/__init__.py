@@ -1,0 +1,1 @@
+"""mpkir.emitters"""

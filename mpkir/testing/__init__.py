@@ -1,0 +1,1 @@
+"""mpkir.testing: Hypothesis strategies for .mpk modules (used by the test suites)."""
