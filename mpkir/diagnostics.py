@@ -20,6 +20,35 @@ class Span:
 
 
 @dataclass(frozen=True)
+class NodeSpan(Span):
+    """A node's span plus the spans of named parts (an op's name, result names, a checkpoint string).
+
+    The parser attaches these so diagnostics can point at the offending token; ``part`` falls back to
+    the whole span.
+    """
+
+    parts: tuple[tuple[str, Span], ...] = ()
+
+    def part(self, key: str, index: int = 0) -> Span:
+        found = [s for k, s in self.parts if k == key]
+        return found[index] if index < len(found) else self
+
+
+def part(loc: Span | None, key: str, index: int = 0) -> Span | None:
+    """The span of a named part of a node (see :class:`NodeSpan`), else the node's span."""
+    return loc.part(key, index) if isinstance(loc, NodeSpan) else loc
+
+
+def source_lines(source: str) -> list[str]:
+    """Lines as the parser counts them (only ``\\n`` ends a line)."""
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in source.split("\n")]
+
+
+MAX_SHOWN = 160
+"""Longest source excerpt a rendered diagnostic shows (longer lines are cut around the caret)."""
+
+
+@dataclass(frozen=True)
 class Diagnostic:
     """One message about the input, optionally located."""
 
@@ -33,16 +62,24 @@ class Diagnostic:
         where = f"{self.span}: " if self.span else ""
         out = [f"{where}{self.severity}: {self.message}"]
         if self.span is not None and source is not None:
-            lines = source.splitlines()
+            lines = source_lines(source)
             if 1 <= self.span.line <= len(lines):
-                text = lines[self.span.line - 1].expandtabs(1)
-                gutter = f"{self.span.line:>5} | "
-                out.append(gutter + text)
+                text = "".join(c if c.isprintable() else " " for c in lines[self.span.line - 1])
+                col = self.span.col
                 width = 1
                 if self.span.end_line == self.span.line and self.span.end_col:
                     width = max(1, self.span.end_col - self.span.col)
-                width = min(width, max(1, len(text) - self.span.col + 1))
-                out.append(" " * (len(gutter) - 2) + "| " + " " * (self.span.col - 1) + "^" + "~" * (width - 1))
+                width = min(width, max(1, len(text) - col + 1))
+                if len(text) > MAX_SHOWN:  # a window of a very long line around the caret
+                    start = max(0, min(col - 1 - MAX_SHOWN // 2, len(text) - MAX_SHOWN))
+                    text = ("..." if start else "") + text[start:start + MAX_SHOWN] + (
+                        "..." if start + MAX_SHOWN < len(text) else "")
+                    col = col - start + (3 if start else 0)
+                    width = min(width, MAX_SHOWN // 2)
+                gutter = f"{self.span.line:>5} | "
+                out.append(gutter + text)
+                caret = " " * (col - 1) + "^" + "~" * (width - 1)
+                out.append(" " * (len(gutter) - 2) + "| " + caret)
         out.extend(f"note: {n}" for n in self.notes)
         return "\n".join(out)
 

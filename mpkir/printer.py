@@ -1,24 +1,60 @@
-"""IR → canonical text.  ``parse(print_module(m)) == m`` and printing is a fixpoint."""
+"""IR → canonical text.  ``parse(print_module(m)) == m`` and printing is a fixpoint.
+
+IR that has no text form (a non-finite number, a name that is not an identifier, a statement without
+results) raises ``ValueError`` instead of printing something the parser would read differently.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 
 from mpkir import ir
 
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 INDENT = "  "
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*\Z")
+KEYWORDS = frozenset({"model", "const", "dim", "serve", "weight", "state", "graph", "schedule", "for", "in",
+                      "carry", "yield", "return", "true", "false"})
+"""Words that the lexer reads as keywords in some position; never used as names by the printer."""
+
+
+def _ident(name: str, what: str = "name") -> str:
+    if not isinstance(name, str) or not _IDENT.match(name) or name in KEYWORDS:
+        raise ValueError(f"cannot print {what} {name!r}: not an identifier")
+    return name
+
+
+def _value(name: str) -> str:
+    if not isinstance(name, str) or not _VALUE.match(name):
+        raise ValueError(f"cannot print value name %{name!r}")
+    return "%" + name
+
+
+def _num(v: int | float) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"cannot print number {v!r}")
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"cannot print non-finite number {v!r}")
+        return repr(v)
+    if not -(2**63) < v < 2**63:
+        raise ValueError(f"cannot print integer {v}: out of the 64-bit range the parser reads")
+    return str(v)
 
 
 def print_expr(e: ir.AttrValue, parent_prec: int = 0, right: bool = False) -> str:
     """Print an expression or attribute value with the fewest parentheses that re-parse the same."""
     if isinstance(e, ir.Num):
-        s = repr(e.value) if isinstance(e.value, float) else str(e.value)
         # a negative literal binds like a unary minus (tighter than any binary op)
-        return s
+        return _num(e.value)
     if isinstance(e, ir.Name):
-        return e.id
+        return _ident(e.id)
     if isinstance(e, ir.Neg):
+        if isinstance(e.operand, ir.Num):  # `-3` would read back as the literal -3
+            return f"-({_num(e.operand.value)})"
         inner = print_expr(e.operand, 3)
         return f"-{inner}"
     if isinstance(e, ir.BinOp):
@@ -42,29 +78,37 @@ def print_type(t: ir.TypeExpr) -> str:
 
 def print_operand(o: ir.Operand) -> str:
     if isinstance(o, ir.ValueRef):
-        return f"%{o.name}"
+        return _value(o.name)
     if o.index is None:
-        return f"@{o.name}"
-    return f"@{o.name}[{print_expr(o.index)}]"
+        return f"@{_ident(o.name)}"
+    return f"@{_ident(o.name)}[{print_expr(o.index)}]"
 
 
 def _attrs(attrs: tuple[ir.Attr, ...]) -> list[str]:
-    return [f"{a.key}={print_expr(a.value)}" for a in attrs]
+    return [f"{_ident(a.key)}={print_expr(a.value)}" for a in attrs]
+
+
+def _values(names, what: str) -> str:
+    if not names:
+        raise ValueError(f"cannot print {what} without values")
+    return ", ".join(_value(n) for n in names)
 
 
 def print_stmt(s: ir.Stmt, depth: int) -> list[str]:
     pad = INDENT * depth
     if isinstance(s, ir.OpStmt):
         args = [print_operand(o) for o in s.operands] + _attrs(s.attrs)
-        line = f"{pad}{', '.join('%' + r for r in s.results)} = {s.op}({', '.join(args)})"
+        line = f"{pad}{_values(s.results, 'an op')} = {_ident(s.op)}({', '.join(args)})"
         if s.schedule:
             line += f" schedule({', '.join(_attrs(s.schedule))})"
         if s.types:
             line += " : " + ", ".join(print_type(t) for t in s.types)
         return [line]
     if isinstance(s, ir.ForStmt):
-        carries = ", ".join(f"%{c.name} = {print_operand(c.init)}" for c in s.carries)
-        head = (f"{pad}{', '.join('%' + r for r in s.results)} = for {s.var} in "
+        if not s.carries:
+            raise ValueError("cannot print a for loop without carried values")
+        carries = ", ".join(f"{_value(c.name)} = {print_operand(c.init)}" for c in s.carries)
+        head = (f"{pad}{_values(s.results, 'a for loop')} = for {_ident(s.var)} in "
                 f"{print_expr(s.start)}..{print_expr(s.end)} carry({carries}) {{")
         lines = [head]
         for b in s.body:
@@ -72,33 +116,34 @@ def print_stmt(s: ir.Stmt, depth: int) -> list[str]:
         lines.append(pad + "}")
         return lines
     if isinstance(s, ir.YieldStmt):
-        return [f"{pad}yield {', '.join('%' + v.name for v in s.values)}"]
+        return [f"{pad}yield {_values([v.name for v in s.values], 'yield')}"]
     if isinstance(s, ir.ReturnStmt):
-        return [f"{pad}return {', '.join('%' + v.name for v in s.values)}"]
+        return [f"{pad}return {_values([v.name for v in s.values], 'return')}"]
     raise TypeError(f"not a statement: {s!r}")
 
 
 def _layer_index(i: ir.LayerIndex | None) -> str:
-    return "" if i is None else f"[{i.var} < {print_expr(i.count)}]"
+    return "" if i is None else f"[{_ident(i.var)} < {print_expr(i.count)}]"
 
 
 def print_decl(d: ir.Decl) -> list[str]:
     if isinstance(d, ir.ModelDecl):
         return [f"model {json.dumps(d.name)}"]
     if isinstance(d, ir.ConstDecl):
-        return [f"const {d.name} = {print_expr(d.value)}"]
+        return [f"const {_ident(d.name)} = {print_expr(d.value)}"]
     if isinstance(d, ir.DimDecl):
-        return [f"dim {d.name} <= {print_expr(d.bound)}"]
+        return [f"dim {_ident(d.name)} <= {print_expr(d.bound)}"]
     if isinstance(d, ir.ServeDecl):
-        return ["serve {", *(f"{INDENT}{a.key} = {print_expr(a.value)}" for a in d.items), "}"]
+        return ["serve {", *(f"{INDENT}{_ident(a.key)} = {print_expr(a.value)}" for a in d.items), "}"]
     if isinstance(d, ir.WeightDecl):
-        return [f"weight {d.name}{_layer_index(d.index)} : {print_type(d.type)} = {json.dumps(d.checkpoint)}"]
+        head = f"weight {_ident(d.name)}{_layer_index(d.index)}"
+        return [f"{head} : {print_type(d.type)} = {json.dumps(d.checkpoint)}"]
     if isinstance(d, ir.StateDecl):
-        return [f"state {d.name}{_layer_index(d.index)} : {print_type(d.type)}"]
+        return [f"state {_ident(d.name)}{_layer_index(d.index)} : {print_type(d.type)}"]
     if isinstance(d, ir.GraphDecl):
-        params = ", ".join(f"%{p.name}: {print_type(p.type)}" for p in d.params)
+        params = ", ".join(f"{_value(p.name)}: {print_type(p.type)}" for p in d.params)
         results = ", ".join(print_type(t) for t in d.result_types)
-        lines = [f"graph {d.name}({params}) -> ({results}) {{"]
+        lines = [f"graph {_ident(d.name)}({params}) -> ({results}) {{"]
         for s in d.body:
             lines.extend(print_stmt(s, 1))
         lines.append("}")

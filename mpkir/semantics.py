@@ -1,13 +1,14 @@
-"""Name resolution shared by the verifier, passes and interpreter: constants, symbolic dims, types, attributes."""
+"""Name resolution shared by the verifier, passes and interpreter: constants, dims, types, attributes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mpkir import ir
-from mpkir.diagnostics import Diagnostic, MpkError
+from mpkir.diagnostics import Diagnostic, MpkError, part
 from mpkir.ops.base import AttrSpec
 
 
@@ -18,9 +19,11 @@ class Env:
     consts: Mapping[str, int | float] = field(default_factory=dict)
     dims: Mapping[str, int] = field(default_factory=dict)
     loop_vars: Mapping[str, int | None] = field(default_factory=dict)
+    broken: frozenset[str] = frozenset()
+    """Names whose declaration has an error (already reported): uses fail without a second message."""
 
     def with_loop_var(self, name: str, value: int | None) -> Env:
-        return Env(self.consts, self.dims, {**self.loop_vars, name: value})
+        return Env(self.consts, self.dims, {**self.loop_vars, name: value}, self.broken)
 
 
 def eval_expr(e: ir.Expr, env: Env, *, allow_dims: bool = False) -> int | float | str:
@@ -39,6 +42,8 @@ def eval_expr(e: ir.Expr, env: Env, *, allow_dims: bool = False) -> int | float 
             return v
         if e.id in env.consts:
             return env.consts[e.id]
+        if e.id in env.broken:
+            raise MpkError([])  # its declaration was already reported
         if e.id in env.dims:
             if allow_dims:
                 return e.id
@@ -48,11 +53,20 @@ def eval_expr(e: ir.Expr, env: Env, *, allow_dims: bool = False) -> int | float 
         v = eval_expr(e.operand, env)
         if isinstance(v, str):
             raise MpkError(Diagnostic("cannot negate a symbolic dim", e.loc))
-        return -v
+        return _checked(-v, e)
     if isinstance(e, ir.BinOp):
         a, b = eval_expr(e.lhs, env), eval_expr(e.rhs, env)
         if isinstance(a, str) or isinstance(b, str):
             raise MpkError(Diagnostic("symbolic dims cannot take part in arithmetic", e.loc))
+        return _checked(_arith(e, a, b), e)
+    raise TypeError(f"not an expression: {e!r}")
+
+
+_INT_LIMIT = 2**63
+
+
+def _arith(e: ir.BinOp, a: int | float, b: int | float) -> int | float:
+    try:
         if e.op == "+":
             return a + b
         if e.op == "-":
@@ -64,7 +78,17 @@ def eval_expr(e: ir.Expr, env: Env, *, allow_dims: bool = False) -> int | float 
         if isinstance(a, int) and isinstance(b, int) and a % b == 0:
             return a // b
         return a / b
-    raise TypeError(f"not an expression: {e!r}")
+    except (OverflowError, ValueError):
+        raise MpkError(Diagnostic("arithmetic overflow", e.loc)) from None
+
+
+def _checked(v: int | float, e: ir.Expr) -> int | float:
+    """Results stay in int64 range and finite (so every later use can print and convert them)."""
+    if isinstance(v, int) and not -_INT_LIMIT <= v < _INT_LIMIT:
+        raise MpkError(Diagnostic("integer overflow: the value does not fit in 64 bits", e.loc))
+    if isinstance(v, float) and not math.isfinite(v):
+        raise MpkError(Diagnostic("arithmetic overflow: the value is not a finite number", e.loc))
+    return v
 
 
 def eval_int(e: ir.Expr, env: Env, what: str) -> int:
@@ -98,15 +122,16 @@ def build_env(m: ir.Module) -> tuple[Env, list[Diagnostic]]:
     consts: dict[str, int | float] = {}
     dims: dict[str, int] = {}
     seen: dict[str, ir.Decl] = {}
+    broken: set[str] = set()
     for d in m.decls:
         if isinstance(d, (ir.ConstDecl, ir.DimDecl)):
             if d.name in seen:
-                prev = seen[d.name].loc
-                diags.append(Diagnostic(f"'{d.name}' is already defined", d.loc,
+                prev = part(seen[d.name].loc, "name")
+                diags.append(Diagnostic(f"'{d.name}' is already defined", part(d.loc, "name"),
                                         notes=(f"first defined at {prev}",) if prev else ()))
                 continue
             seen[d.name] = d
-            env = Env(consts, dims)
+            env = Env(consts, dims, broken=frozenset(broken))
             try:
                 if isinstance(d, ir.ConstDecl):
                     consts[d.name] = eval_expr(d.value, env)
@@ -118,14 +143,18 @@ def build_env(m: ir.Module) -> tuple[Env, list[Diagnostic]]:
                     dims[d.name] = b
             except MpkError as e:
                 diags.extend(e.diagnostics)
-    return Env(consts, dims), diags
+                broken.add(d.name)
+    return Env(consts, dims, broken=frozenset(broken)), diags
 
 
-def resolve_attr(spec: AttrSpec, v: ir.AttrValue, env: Env) -> Any:
-    """Check one attribute value against its spec and return the Python value (raises MpkError)."""
+def resolve_attr(spec: AttrSpec, v: ir.AttrValue, env: Env, what: str = "attribute") -> Any:
+    """Check one attribute value against its spec and return the Python value (raises MpkError).
 
-    def bad(msg: str) -> MpkError:
-        return MpkError(Diagnostic(f"attribute '{spec.name}': {msg}", v.loc))
+    ``what`` names the kind of setting in messages (``attribute``, ``serve setting``).
+    """
+
+    def bad(msg: str, loc=None) -> MpkError:
+        return MpkError(Diagnostic(f"{what} '{spec.name}': {msg}", loc or v.loc))
 
     k = spec.kind
     if k == "bool":
@@ -151,6 +180,8 @@ def resolve_attr(spec: AttrSpec, v: ir.AttrValue, env: Env) -> Any:
             if not isinstance(x, int):
                 raise bad(f"expected an integer, got {x}")
             return x
+        if isinstance(x, str):
+            raise bad(f"expected a number, got symbolic dim '{x}'")
         return float(x)
     if k in ("ints", "floats", "shape"):
         if not isinstance(v, ir.ListVal):
@@ -158,9 +189,15 @@ def resolve_attr(spec: AttrSpec, v: ir.AttrValue, env: Env) -> Any:
         out = []
         for item in v.items:
             if isinstance(item, (ir.Str, ir.Bool, ir.ListVal)):
-                raise MpkError(Diagnostic(f"attribute '{spec.name}': list items must be numbers", item.loc))
+                raise bad("list items must be numbers" if k != "shape" else "list items must be dims",
+                          item.loc)
             if k == "shape":
-                out.append(eval_dim(item, env) if not isinstance(item, ir.Neg) else eval_expr(item, env))
+                x = eval_expr(item, env, allow_dims=True)
+                if isinstance(x, float) and x.is_integer():
+                    x = int(x)
+                if not isinstance(x, (int, str)) or (isinstance(x, int) and x < -1):
+                    raise bad(f"shape entries are dims, symbolic dims or -1, got {x}", item.loc)
+                out.append(x)
             elif k == "ints":
                 out.append(eval_int(item, env, f"item of '{spec.name}'"))
             else:

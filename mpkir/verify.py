@@ -6,12 +6,14 @@ returns the types it inferred; :func:`verify` raises when there is any error.
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from mpkir import ir
-from mpkir.diagnostics import Diagnostic, MpkError, Span
+from mpkir.diagnostics import Diagnostic, MpkError, Span, part
 from mpkir.ops.base import OpDef, ShapeError
 from mpkir.ops.registry import OPS
 from mpkir.semantics import Env, build_env, eval_int, resolve_attr, resolve_type
@@ -56,8 +58,9 @@ class _Checker:
         env, d = build_env(m)
         self.diags.extend(d)
         self.env = env
-        if len([x for x in m.decls if isinstance(x, ir.ModelDecl)]) > 1:
-            self.err("more than one 'model' declaration", m.decls[1].loc)
+        models = [x for x in m.decls if isinstance(x, ir.ModelDecl)]
+        for extra in models[1:]:
+            self.err("more than one 'model' declaration", extra.loc)
         serves = [x for x in m.decls if isinstance(x, ir.ServeDecl)]
         for extra in serves[1:]:
             self.err("more than one 'serve' block", extra.loc)
@@ -65,14 +68,18 @@ class _Checker:
         self.diags.extend(d)
         self.globals = self._globals()
         graphs: dict[str, GraphInfo] = {}
+        self._graph_locs: dict[str, Span | None] = {}
         if not m.graphs:
-            self.err("module has no graph", None)
+            self.err("module has no graph: write graph NAME(%x: TYPE, ...) -> (TYPE, ...) { ... }",
+                     Span(m.path, 1, 1))
         for g in m.graphs:
             if g.name in graphs:
-                self.err(f"graph '{g.name}' is already defined", g.loc)
+                self.err(f"graph '{g.name}' is already defined", part(g.loc, "name"),
+                         f"first defined at {self._graph_locs[g.name]}")
                 continue
+            self._graph_locs[g.name] = part(g.loc, "name")
             graphs[g.name] = self._graph(g)
-        return Analysis(env, cfg, self.globals, graphs, self.diags)
+        return Analysis(env, cfg, self.globals, graphs, _in_source_order(self.diags))
 
     # ------------------------------------------------------------------ weights and states
     def _globals(self) -> dict[str, ir.TensorType]:
@@ -85,11 +92,11 @@ class _Checker:
                 continue
             kind = "weight" if isinstance(d, ir.WeightDecl) else "state"
             if d.name in self.global_decls:
-                self.err(f"{kind} '{d.name}' is already defined", d.loc,
-                         f"first defined at {self.global_decls[d.name].loc}")
+                self.err(f"{kind} '{d.name}' is already defined", part(d.loc, "name"),
+                         f"first defined at {part(self.global_decls[d.name].loc, 'name')}")
                 continue
             if d.name in names:
-                self.err(f"{kind} '{d.name}' has the name of a constant or dim", d.loc)
+                self.err(f"{kind} '{d.name}' has the name of a constant or dim", part(d.loc, "name"))
             self.global_decls[d.name] = d
             count: int | None = None
             if d.index is not None:
@@ -107,7 +114,8 @@ class _Checker:
                 continue
             sym = [x for x in t.shape if isinstance(x, str)]
             if sym:
-                self.err(f"{kind} '{d.name}' has symbolic dim '{sym[0]}': {kind}s need fixed shapes", d.type.loc)
+                self.err(f"{kind} '{d.name}' has symbolic dim '{sym[0]}': {kind}s need fixed shapes",
+                         d.type.loc)
             out[d.name] = t
             if isinstance(d, ir.WeightDecl):
                 self._check_binding(d)
@@ -116,62 +124,69 @@ class _Checker:
     def _check_binding(self, d: ir.WeightDecl) -> None:
         placeholders = _PLACEHOLDER.findall(d.checkpoint)
         var = d.index.var if d.index else None
-        for p in placeholders:
+        loc = part(d.loc, "checkpoint")
+        for p in dict.fromkeys(placeholders):
             if p != var:
                 what = f"the layer index is '{var}'" if var else "the weight has no layer index"
-                self.err(f"unbound name '{{{p}}}' in checkpoint name \"{d.checkpoint}\": {what}", d.loc)
+                self.err(f"unbound name '{{{p}}}' in checkpoint name {_quote(d.checkpoint)}: {what}", loc)
         if var is not None and var not in placeholders:
-            self.err(f"weight '{d.name}' is indexed by '{var}' but its checkpoint name \"{d.checkpoint}\" "
-                     f"does not contain '{{{var}}}': every layer would bind the same tensor", d.loc)
+            self.err(f"weight '{d.name}' is indexed by '{var}' but its checkpoint name "
+                     f"{_quote(d.checkpoint)} does not contain '{{{var}}}': every layer would bind the same "
+                     "tensor", loc)
         if not d.checkpoint:
-            self.err(f"weight '{d.name}' is bound to an empty checkpoint name", d.loc)
+            self.err(f"weight '{d.name}' is bound to an empty checkpoint name", loc)
 
     # ------------------------------------------------------------------ graphs
     def _graph(self, g: ir.GraphDecl) -> GraphInfo:
         info = GraphInfo()
         defined: dict[str, Span | None] = {}
+        bad_params: set[str] = set()
         for p in g.params:
             if p.name in defined:
-                self.err(f"parameter '%{p.name}' is already defined", p.loc)
+                self.err(f"parameter '%{p.name}' is already defined", part(p.loc, "result"),
+                         f"first defined at {defined[p.name]}")
                 continue
-            defined[p.name] = p.loc
+            defined[p.name] = part(p.loc, "result")
             try:
                 info.types[p.name] = resolve_type(p.type, self.env)
             except MpkError as e:
                 self.diags.extend(e.diagnostics)
+                bad_params.add(p.name)
         try:
             want = [resolve_type(t, self.env) for t in g.result_types]
         except MpkError as e:
             self.diags.extend(e.diagnostics)
             want = None
-        scope = dict(info.types)
+        scope: dict[str, ir.TensorType | None] = dict(info.types)
+        scope.update(dict.fromkeys(bad_params))  # typeless: uses report nothing more
         returned = self._block(g.body, info, scope, defined, self.env, in_loop=False)
         if returned is None:
             self.err(f"graph '{g.name}' does not end with 'return'", g.loc)
         elif want is not None:
-            got, loc = returned
+            got, stmt = returned
             if len(got) != len(want):
-                self.err(f"graph '{g.name}' returns {len(got)} value(s) but declares {len(want)}", loc)
+                self.err(f"graph '{g.name}' returns {len(got)} value(s) but declares {len(want)}", stmt.loc)
             else:
-                for i, (a, b) in enumerate(zip(got, want)):
+                for i, (a, b) in enumerate(zip(got, want, strict=True)):
                     if a is not None and a != b:
-                        self.err(f"graph '{g.name}' result {i} has type {a} but the signature says {b}", loc)
+                        self.err(f"graph '{g.name}' result {i} has type {a} but the signature says {b}",
+                                 stmt.values[i].loc or stmt.loc)
         return info
 
     def _block(self, body, info: GraphInfo, scope: dict, defined: dict, env: Env, *, in_loop: bool):
-        """Check statements; returns (types, loc) of the final return/yield, or None."""
+        """Check statements; returns (types, statement) of the final return/yield, or None."""
         for i, s in enumerate(body):
             last = i == len(body) - 1
             if isinstance(s, (ir.ReturnStmt, ir.YieldStmt)):
                 word = "return" if isinstance(s, ir.ReturnStmt) else "yield"
                 if in_loop != isinstance(s, ir.YieldStmt):
                     where = "a loop body" if in_loop else "a graph body"
-                    self.err(f"'{word}' cannot end {where}" + (" (use 'yield')" if in_loop else " (use 'return')"),
-                             s.loc)
+                    use = "yield" if in_loop else "return"
+                    self.err(f"'{word}' cannot end {where} (use '{use}')", s.loc)
                 if not last:
                     self.err(f"statements after '{word}' are unreachable", body[i + 1].loc)
                 types = [self._use(v, scope) for v in s.values]
-                return types, s.loc
+                return types, s
             if isinstance(s, ir.OpStmt):
                 self._op(s, info, scope, defined, env)
             elif isinstance(s, ir.ForStmt):
@@ -188,7 +203,8 @@ class _Checker:
                 defined: dict) -> None:
         if name in defined:
             prev = defined[name]
-            self.err(f"value '%{name}' is already defined", loc, *([f"first defined at {prev}"] if prev else []))
+            notes = [f"first defined at {prev}"] if prev else []
+            self.err(f"value '%{name}' is already defined", loc, *notes)
             return
         defined[name] = loc
         scope[name] = t
@@ -209,7 +225,8 @@ class _Checker:
             self.err(f"'@{o.name}' is one tensor per layer: write @{o.name}[{d.index.var}]", o.loc)
         elif o.index is not None:
             try:
-                if isinstance(o.index, ir.Name) and o.index.id in env.loop_vars and env.loop_vars[o.index.id] is None:
+                idx = o.index
+                if isinstance(idx, ir.Name) and idx.id in env.loop_vars and env.loop_vars[idx.id] is None:
                     pass  # a loop variable: checked against the loop bounds by _for
                 else:
                     k = eval_int(o.index, env, f"index of '@{o.name}'")
@@ -224,8 +241,9 @@ class _Checker:
         in_types = [self._operand(o, scope, env) for o in s.operands]
         results: list[ir.TensorType | None] = [None] * len(s.results)
         if opdef is None:
-            close = [n for n in OPS if n.startswith(s.op[:3])][:3]
-            self.err(f"unknown operator '{s.op}'", s.loc, *([f"did you mean {', '.join(close)}?"] if close else []))
+            close = difflib.get_close_matches(s.op, list(OPS), n=3, cutoff=0.6)
+            notes = [f"did you mean {' or '.join(repr(c) for c in close)}?"] if close else []
+            self.err(f"unknown operator '{s.op}'", part(s.loc, "name"), *notes)
         else:
             results = self._typed_op(s, opdef, in_types, info, env) or results
         if s.types:
@@ -236,45 +254,51 @@ class _Checker:
                 annotated = None
             if annotated is not None:
                 if len(annotated) != len(s.results):
-                    self.err(f"{len(annotated)} type(s) annotated for {len(s.results)} result(s)", s.types[0].loc)
+                    self.err(f"{len(annotated)} type(s) annotated for {len(s.results)} result(s)",
+                             s.types[0].loc)
                 else:
-                    for i, (a, b) in enumerate(zip(annotated, results)):
+                    for i, (a, b) in enumerate(zip(annotated, results, strict=True)):
                         if b is not None and a != b:
                             self.err(f"'{s.op}' result '%{s.results[i]}' has type {b} but is annotated {a}",
                                      s.types[i].loc)
-                    results = [r if r is not None else a for r, a in zip(results, annotated)]
-        for name, t in zip(s.results, results):
-            self._define(name, s.loc, t, info, scope, defined)
+                    results = [r if r is not None else a for r, a in zip(results, annotated, strict=True)]
+        for i, (name, t) in enumerate(zip(s.results, results, strict=True)):
+            self._define(name, part(s.loc, "result", i), t, info, scope, defined)
 
     def _typed_op(self, s: ir.OpStmt, opdef: OpDef, in_types, info: GraphInfo, env: Env):
         n = len(s.operands)
         lo, hi = opdef.min_operands, opdef.max_operands
         if n < lo or (hi is not None and n > hi):
             want = f"{lo}" if lo == hi else (f"{lo} to {hi}" if hi is not None else f"at least {lo}")
-            self.err(f"'{s.op}' takes {want} operand(s) ({', '.join(opdef.operands)}), got {n}", s.loc)
+            loc = s.operands[hi].loc if hi is not None and n > hi else None
+            self.err(f"'{s.op}' takes {want} operand(s) ({', '.join(opdef.operands)}), got {n}",
+                     loc or part(s.loc, "name"))
             return None
         attrs: dict[str, Any] = {}
+        given: set[str] = set()
         ok = True
         for a in s.attrs:
             spec = opdef.attr_spec(a.key)
             if spec is None:
-                known = ", ".join(x.name for x in opdef.attrs) or "none"
-                self.err(f"'{s.op}' has no attribute '{a.key}'", a.loc, f"its attributes: {known}")
+                known = ", ".join(x.name for x in opdef.attrs)
+                self.err(f"'{s.op}' has no attribute '{a.key}'", part(a.loc, "name"),
+                         f"its attributes: {known}" if known else f"'{s.op}' takes no attributes")
                 ok = False
                 continue
-            if a.key in attrs:
-                self.err(f"attribute '{a.key}' given twice", a.loc)
+            if a.key in given:
+                self.err(f"attribute '{a.key}' given twice", part(a.loc, "name"))
                 ok = False
                 continue
+            given.add(a.key)
             try:
                 attrs[a.key] = resolve_attr(spec, a.value, env)
             except MpkError as e:
                 self.diags.extend(e.diagnostics)
                 ok = False
         for spec in opdef.attrs:
-            if spec.name not in attrs:
+            if spec.name not in given:
                 if spec.required:
-                    self.err(f"'{s.op}' needs attribute '{spec.name}'", s.loc)
+                    self.err(f"'{s.op}' needs attribute '{spec.name}'", part(s.loc, "name"))
                     ok = False
                 else:
                     attrs[spec.name] = spec.default
@@ -284,15 +308,23 @@ class _Checker:
         try:
             out = opdef.infer(in_types, attrs)
         except ShapeError as e:
-            loc = s.loc
-            if e.operand is not None and e.operand < len(s.operands):
-                loc = s.operands[e.operand].loc or s.loc
+            loc = part(s.loc, "name")
+            if e.operand is not None and 0 <= e.operand < len(s.operands):
+                loc = s.operands[e.operand].loc or loc
             elif e.attr is not None:
-                loc = next((a.loc for a in s.attrs if a.key == e.attr), s.loc)
-            self.err(f"'{s.op}': {e}", loc)
+                loc = next((a.value.loc for a in s.attrs if a.key == e.attr), loc)
+            msg = str(e)
+            msg = msg[len(s.op) + 2:] if msg.startswith(f"{s.op}: ") else msg
+            self.err(f"'{s.op}': {msg}", loc)
+            return None
+        except Exception as e:
+            types = ", ".join(str(t) for t in in_types)
+            self.err(f"'{s.op}': operands {types} are not accepted (internal error in shape inference: "
+                     f"{type(e).__name__}: {e})", part(s.loc, "name"))
             return None
         if len(out) != len(s.results):
-            self.err(f"'{s.op}' produces {len(out)} result(s) but {len(s.results)} name(s) are bound", s.loc)
+            self.err(f"'{s.op}' produces {len(out)} result(s) but {len(s.results)} name(s) are bound",
+                     part(s.loc, "result", 0))
             return None
         return list(out)
 
@@ -301,12 +333,12 @@ class _Checker:
             lo = eval_int(s.start, env, "loop start")
             hi = eval_int(s.end, env, "loop end")
             if hi <= lo:
-                self.err(f"loop range {lo}..{hi} is empty", s.loc)
+                self.err(f"loop range {lo}..{hi} is empty", s.start.loc or s.loc)
         except MpkError as e:
             self.diags.extend(e.diagnostics)
             lo = hi = None
         if s.var in env.consts or s.var in env.dims or s.var in env.loop_vars:
-            self.err(f"loop variable '{s.var}' shadows another name", s.loc)
+            self.err(f"loop variable '{s.var}' shadows another name", part(s.loc, "name"))
         inner_env = env.with_loop_var(s.var, None)
         self._check_layer_refs(s.body, s.var, lo, hi)
         inner_scope = dict(scope)
@@ -314,22 +346,25 @@ class _Checker:
         for c in s.carries:
             t = self._operand(c.init, scope, env)
             carry_types.append(t)
-            self._define(c.name, c.loc, t, info, inner_scope, defined)
+            self._define(c.name, part(c.loc, "result"), t, info, inner_scope, defined)
         ret = self._block(s.body, info, inner_scope, defined, inner_env, in_loop=True)
         if ret is None:
             self.err("loop body does not end with 'yield'", s.loc)
         else:
-            got, loc = ret
+            got, stmt = ret
             if len(got) != len(s.carries):
-                self.err(f"loop yields {len(got)} value(s) but carries {len(s.carries)}", loc)
+                self.err(f"loop yields {len(got)} value(s) but carries {len(s.carries)}", stmt.loc)
             else:
-                for c, a, b in zip(s.carries, got, carry_types):
+                for i, (c, a, b) in enumerate(zip(s.carries, got, carry_types, strict=True)):
                     if a is not None and b is not None and a != b:
-                        self.err(f"loop yields {a} for carried '%{c.name}' of type {b}", loc)
+                        self.err(f"loop yields {a} for carried '%{c.name}' of type {b}",
+                                 stmt.values[i].loc or stmt.loc)
         if len(s.results) != len(s.carries):
-            self.err(f"loop binds {len(s.results)} result(s) but carries {len(s.carries)}", s.loc)
+            self.err(f"loop binds {len(s.results)} result(s) but carries {len(s.carries)}",
+                     part(s.loc, "result", 0))
         for i, r in enumerate(s.results):
-            self._define(r, s.loc, carry_types[i] if i < len(carry_types) else None, info, scope, defined)
+            t = carry_types[i] if i < len(carry_types) else None
+            self._define(r, part(s.loc, "result", i), t, info, scope, defined)
 
     def _check_layer_refs(self, body, var: str, lo: int | None, hi: int | None) -> None:
         """@w[var] inside the loop must stay within the layer count of w."""
@@ -347,7 +382,20 @@ class _Checker:
                 if isinstance(o, ir.GlobalRef) and isinstance(o.index, ir.Name) and o.index.id == var:
                     count = self.global_counts.get(o.name)
                     if count is not None and (lo < 0 or hi > count):
-                        self.err(f"loop runs {var} over {lo}..{hi} but '@{o.name}' has {count} layer(s)", o.loc)
+                        self.err(f"loop runs {var} over {lo}..{hi} but '@{o.name}' has {count} layer(s)",
+                                 o.loc)
+
+
+def _in_source_order(diags: list[Diagnostic]) -> list[Diagnostic]:
+    """Located diagnostics by position (stable), unlocated ones last."""
+    def key(d: Diagnostic):
+        s = d.span
+        return (0, s.file, s.line, s.col) if s is not None else (1, "", 0, 0)
+    return sorted(diags, key=key)
+
+
+def _quote(s: str) -> str:
+    return json.dumps(s)
 
 
 def analyze(m: ir.Module) -> Analysis:

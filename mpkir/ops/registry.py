@@ -6,10 +6,10 @@ adding one ``OpDef`` to one of those tuples.
 
 from __future__ import annotations
 
-from mpkir.ops import basic
+from mpkir.ops import attention, basic, norm, sampling, shape
 from mpkir.ops.base import OpDef
 
-_FAMILIES = (basic,)
+_FAMILIES = (basic, norm, shape, attention, sampling)
 
 
 def _build() -> dict[str, OpDef]:

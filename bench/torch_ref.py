@@ -1,0 +1,88 @@
+"""PyTorch reference of the Qwen3/Llama decode graphs on the megakernel's own buffers (same weights, same
+paged KV cache). mode 'bf16' rounds at the same points as the kernel (for greedy-token identity);
+mode 'f32' keeps everything in float32 (the logits reference)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _t(cpa):
+    return torch.from_dlpack(cpa)
+
+
+class TorchRef:
+    def __init__(self, mk, env, mode="bf16"):
+        self.mk, self.mode = mk, mode
+        c = env.consts
+        self.L, self.H = int(c["layers"]), int(c["hidden"])
+        self.nh, self.nkv, self.hd = int(c["heads"]), int(c["kv_heads"]), int(c["head_dim"])
+        self.eps, self.theta = float(c["rms_eps"]), float(c["rope_theta"])
+        self.qk = "w:model.layers.0.self_attn.q_norm.weight" in mk.bufs
+        self.lm = "w:lm_head.weight" if "w:lm_head.weight" in mk.bufs else "w:model.embed_tokens.weight"
+
+    def w(self, name):
+        return _t(self.mk.bufs["w:" + name]).view(torch.bfloat16).float()
+
+    def r(self, x):
+        return x.to(torch.bfloat16).float() if self.mode == "bf16" else x
+
+    def rms(self, x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
+
+    def rope(self, x, pos):
+        D = self.hd
+        i = torch.arange(D // 2, device=x.device, dtype=torch.float64)
+        ang = pos.double()[:, None] * self.theta ** (-2.0 * i / D)
+        c, s = ang.cos().float()[:, None, :], ang.sin().float()[:, None, :]
+        x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+    @torch.no_grad()
+    def generate(self, tokens, pos0, steps):
+        mk, B = self.mk, len(tokens)
+        pg = mk.plan.buffers["s:k_cache[0]"].shape[1]
+        pps = mk.bufs[mk.plan.inputs["page_table"]].shape[1]
+        Lmax = pos0 + steps
+        kc, vc = [], []
+        for layer in range(self.L):
+            for lst, nm in ((kc, "k_cache"), (vc, "v_cache")):
+                t = _t(mk.bufs[f"s:{nm}[{layer}]"]).view(torch.bfloat16)
+                t = t.view(-1, pps * pg, self.nkv, self.hd)[:B, :Lmax].float().clone()
+                lst.append(t)
+        tok = torch.tensor(tokens, device="cuda", dtype=torch.long)
+        out, logits_all = [], []
+        for st in range(steps):
+            pos = torch.full((B,), pos0 + st, device="cuda", dtype=torch.long)
+            x = self.r(self.w("model.embed_tokens.weight")[tok])
+            for layer in range(self.L):
+                p = f"model.layers.{layer}."
+                xn = self.r(self.rms(x, self.w(p + "input_layernorm.weight")))
+                q = self.r(xn @ self.w(p + "self_attn.q_proj.weight").T).view(B, self.nh, self.hd)
+                k = self.r(xn @ self.w(p + "self_attn.k_proj.weight").T).view(B, self.nkv, self.hd)
+                v = self.r(xn @ self.w(p + "self_attn.v_proj.weight").T).view(B, self.nkv, self.hd)
+                if self.qk:
+                    q = self.r(self.rms(q, self.w(p + "self_attn.q_norm.weight")))
+                    k = self.r(self.rms(k, self.w(p + "self_attn.k_norm.weight")))
+                q, k = self.r(self.rope(q, pos)), self.r(self.rope(k, pos))
+                P = pos0 + st
+                kc[layer][:, P] = k
+                vc[layer][:, P] = v
+                K, V = kc[layer][:, : P + 1], vc[layer][:, : P + 1]  # [B, T, kv, D]
+                g = self.nh // self.nkv
+                Kx = K.repeat_interleave(g, dim=2)
+                Vx = V.repeat_interleave(g, dim=2)
+                sc = torch.einsum("bhd,bthd->bht", q, Kx) / self.hd**0.5
+                a = self.r(torch.einsum("bht,bthd->bhd", sc.softmax(-1), Vx)).reshape(B, -1)
+                x = self.r(x + self.r(a @ self.w(p + "self_attn.o_proj.weight").T))
+                hn = self.r(self.rms(x, self.w(p + "post_attention_layernorm.weight")))
+                gt = self.r(hn @ self.w(p + "mlp.gate_proj.weight").T)
+                up = self.r(hn @ self.w(p + "mlp.up_proj.weight").T)
+                act = self.r(torch.nn.functional.silu(gt) * up)
+                x = self.r(x + self.r(act @ self.w(p + "mlp.down_proj.weight").T))
+            xf = self.r(self.rms(x, self.w("model.norm.weight")))
+            logits = self.r(xf @ _t(mk.bufs[self.lm]).view(torch.bfloat16).float().T)
+            tok = logits.argmax(-1)
+            out.append(tok.cpu().numpy())
+            logits_all.append(logits)
+        return out, logits_all

@@ -1,0 +1,640 @@
+"""Lower a decode graph to megakernel tasks: fused ops, per-op tasks, events, and per-SM task lists.
+
+The plan is pure data (buffers, tasks with symbolic pointers ``(buffer, byte offset)``); the host runtime
+resolves pointers, and :mod:`mpkir.codegen.emit` writes the CUDA source for the variants the plan uses.
+
+Fusions (pattern based, each keeps the reference rounding points):
+  rmsnorm -> linear (rmsnorm in the linear's prologue), silu_mul -> linear (prologue),
+  linear -> add (residual epilogue), head_rmsnorm -> rope (one task), linear -> argmax (stage 1 in the
+  linear's epilogue, stage 2 a task per token), reshape (alias).
+Events: one per fused op, fired by each of its tasks; a consumer waits for ``tasks(op) * step``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+from mpkir import ir
+from mpkir.diagnostics import Diagnostic, MpkError
+
+NUM_SMS = 132
+NT = 512
+NWARP = NT // 32
+TILE_B = 8
+SMEM_LIMIT = 227 * 1024 - 1024
+LINEAR_TILE_BYTES = 1024 * 1024  # measured: larger tiles win (per-task overhead), see bench/RESULTS.md
+
+
+def fbits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+
+
+@dataclass
+class Buffer:
+    name: str
+    kind: str  # weight | state | act | input | scratch | output
+    shape: tuple[int, ...]
+    dtype: str  # bf16 | f32 | i32
+    checkpoint: str | None = None  # weights: checkpoint tensor name (tied weights share one buffer)
+
+    @property
+    def itemsize(self) -> int:
+        return {"bf16": 2, "f32": 4, "i32": 4}[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+
+@dataclass
+class Task:
+    variant: str
+    p: dict[int, tuple[str, int]]
+    a: dict[int, int]
+    cost: float = 1.0
+    prefetch: tuple[str, int, int] | None = None  # (buffer, byte offset, bytes)
+
+
+@dataclass
+class Op:
+    name: str
+    kind: str
+    tasks: list[Task]
+    deps: list[tuple[int, int]] = field(default_factory=list)  # (op index, lag in steps)
+    jit: bool = False
+    first_task: int = 0
+
+
+@dataclass
+class Plan:
+    model: str
+    max_tokens: int
+    batch: int
+    buffers: dict[str, Buffer]
+    ops: list[Op]
+    inputs: dict[str, str]  # graph parameter -> buffer
+    output: str  # token output buffer (i32 [maxB])
+    logits: str | None
+    lists: list[list[int]]  # per SM: task ids (>= 0) or JIT slots -(op+1)
+    smem_bytes: int
+    variants: list[str]
+    num_sms: int = NUM_SMS
+
+    @property
+    def num_tasks(self) -> int:
+        return sum(len(o.tasks) for o in self.ops)
+
+    def weight_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values() if b.kind == "weight")
+
+
+def _err(msg: str, stmt=None) -> MpkError:
+    return MpkError(Diagnostic(msg, getattr(stmt, "loc", None)))
+
+
+class _Lowerer:
+    def __init__(self, module: ir.Module, analysis, num_sms: int, greedy: bool, batch: int | None):
+        from mpkir.passes.unroll import unroll
+        from mpkir.semantics import build_env, resolve_type
+        from mpkir.serve import serve_config
+
+        self.m = unroll(module)
+        self.num_sms = num_sms
+        self.greedy = greedy
+        self.env, _ = build_env(self.m)
+        sd = next((d for d in self.m.decls if isinstance(d, ir.ServeDecl)), None)
+        self.serve, _ = serve_config(sd, self.env)
+        self.resolve_type = resolve_type
+        self.maxB = int(self.serve.max_tokens)
+        self.B = min(self.maxB, batch or self.maxB)  # live tokens: tasks of tokens >= B are left out
+        graphs = [d for d in self.m.decls if isinstance(d, ir.GraphDecl)]
+        if not graphs:
+            raise _err("no graph to compile")
+        self.g = graphs[0]
+        self.types: dict[str, ir.TensorType] = {p.name: resolve_type(p.type, self.env) for p in self.g.params}
+        self.gtypes = {
+            d.name: resolve_type(d.type, self.env)
+            for d in self.m.decls
+            if isinstance(d, (ir.WeightDecl, ir.StateDecl))
+        }
+        self.buffers: dict[str, Buffer] = {}
+        self.values: dict[str, tuple[str, tuple[int, ...], str]] = {}  # ssa -> (buffer, shape, dtype)
+        self.producer: dict[str, int] = {}  # buffer -> op index
+        self.ops: list[Op] = []
+        self.weight_decls = {d.name: d for d in self.m.decls if isinstance(d, (ir.WeightDecl, ir.StateDecl))}
+
+    # ---------------------------------------------------------------- helpers
+    def shape(self, t: ir.TensorType) -> tuple[int, ...]:
+        out = []
+        for d in t.shape:
+            if isinstance(d, int):
+                out.append(d)
+            else:
+                out.append(int(self.env.dims[d]))
+        return tuple(out)
+
+    def add_buffer(self, name, kind, shape, dtype, checkpoint=None) -> str:
+        if name not in self.buffers:
+            self.buffers[name] = Buffer(name, kind, tuple(shape), dtype, checkpoint)
+        return name
+
+    def glob(self, ref: ir.GlobalRef) -> str:
+        d = self.weight_decls[ref.name]
+        layer = None
+        if ref.index is not None:
+            from mpkir.semantics import eval_int
+
+            layer = eval_int(ref.index, self.env, "layer index")
+        t = self.gtypes[ref.name]
+        shape = self.shape(t)
+        if isinstance(d, ir.WeightDecl):
+            ck = d.checkpoint_name(layer)
+            return self.add_buffer("w:" + ck, "weight", shape, t.dtype.value, ck)
+        name = f"s:{ref.name}" + (f"[{layer}]" if layer is not None else "")
+        return self.add_buffer(name, "state", shape, t.dtype.value)
+
+    def val(self, operand) -> str:
+        if isinstance(operand, ir.GlobalRef):
+            return self.glob(operand)
+        return self.values[operand.name][0]
+
+    def vshape(self, operand) -> tuple[int, ...]:
+        if isinstance(operand, ir.GlobalRef):
+            return self.buffers[self.glob(operand)].shape
+        return self.values[operand.name][1]
+
+    def new_act(self, ssa: str, t: ir.TensorType) -> str:
+        shape = self.shape(t)
+        name = self.add_buffer("v:" + ssa, "act", shape, t.dtype.value)
+        self.values[ssa] = (name, shape, t.dtype.value)
+        return name
+
+    def attrs(self, stmt) -> dict:
+        from mpkir.semantics import eval_expr
+
+        out = {}
+        for at in stmt.attrs:
+            v = at.value
+            if isinstance(v, ir.Name) and v.id not in self.env.consts and v.id not in self.env.dims:
+                out[at.key] = v.id  # enum
+            elif isinstance(v, (ir.Str, ir.Bool)):
+                out[at.key] = v.value
+            elif isinstance(v, ir.ListVal):
+                out[at.key] = [eval_expr(x, self.env, allow_dims=True) for x in v.items]
+            else:
+                out[at.key] = eval_expr(v, self.env)
+        return out
+
+    def infer(self, s: ir.OpStmt) -> ir.TensorType:
+        """Result type of the ops this backend supports (the operator registry may not know them yet)."""
+
+        def t(o):
+            if isinstance(o, ir.GlobalRef):
+                return self.gtypes[o.name]
+            return self.types[o.name]
+
+        x = t(s.operands[0])
+        if s.op == "embedding":
+            tab = t(s.operands[1])
+            return ir.TensorType(tab.dtype, (*x.shape, tab.shape[-1]))
+        if s.op == "linear":
+            w = t(s.operands[1])
+            return ir.TensorType(x.dtype, (*x.shape[:-1], w.shape[0]))
+        if s.op == "reshape":
+            return ir.TensorType(x.dtype, tuple(self.attrs(s)["shape"]))
+        if s.op in ("argmax", "sample"):
+            return ir.TensorType(ir.DType.i32, x.shape[:-1])
+        if s.op == "silu_mul" and len(s.operands) == 1:
+            return ir.TensorType(x.dtype, (*x.shape[:-1], x.shape[-1] // 2))
+        return x
+
+    def add_op(self, name, kind, tasks, reads, writes, jit=False) -> int:
+        deps = sorted({(self.producer[b], 0) for b in reads if b in self.producer})
+        idx = len(self.ops)
+        self.ops.append(Op(name, kind, tasks, [d for d in deps], jit))
+        for b in writes:
+            self.producer[b] = idx
+        return idx
+
+    # ---------------------------------------------------------------- lowering
+    def run(self) -> Plan:
+        body = [s for s in self.g.body if isinstance(s, ir.OpStmt)]
+        ret = next(s for s in self.g.body if isinstance(s, ir.ReturnStmt))
+        uses: dict[str, list[ir.OpStmt]] = {}
+        for s in body:
+            for o in s.operands:
+                if isinstance(o, ir.ValueRef):
+                    uses.setdefault(o.name, []).append(s)
+        for v in ret.values:
+            uses.setdefault(v.name, []).append(ret)
+        by_result = {r: s for s in body for r in s.results}
+        self.uses, self.by_result = uses, by_result
+        # graph inputs
+        self.inputs = {}
+        for p in self.g.params:
+            t = self.types[p.name]
+            b = self.add_buffer("in:" + p.name, "input", self.shape(t), t.dtype.value)
+            self.values[p.name] = (b, self.shape(t), t.dtype.value)
+            self.inputs[p.name] = b
+        if "positions" in self.inputs:  # live positions (advanced in-kernel by the embedding tasks)
+            self.add_buffer("in:positions0", "input", self.buffers["in:positions"].shape, "i32")
+        self.add_buffer("hist", "output", (1, self.maxB), "i32")  # resized by the host (steps)
+        self.fused: set[int] = set()
+        self.embed_op = None
+        self.final_op = None
+        self.logits = None
+        for s in body:
+            for r in s.results:
+                self.types[r] = self.infer(s)
+        for s in body:
+            if id(s) in self.fused:
+                continue
+            getattr(self, "op_" + s.op, self.unsupported)(s)
+        if self.final_op is None:
+            raise _err("the graph must end in argmax (or greedy sample) of a linear for the GPU backend")
+        out = self.values[ret.values[0].name][0]
+        # the next step's embedding waits for this step's tokens (WAR safety: every op is its ancestor)
+        if self.embed_op is not None:
+            self.ops[self.embed_op].deps.append((self.final_op, 1))
+        consumers = {d for o in self.ops for d, lag in o.deps if lag == 0}
+        leaves = [i for i in range(len(self.ops)) if i not in consumers and i != self.final_op]
+        self.ops[self.final_op].deps.extend((i, 0) for i in leaves)
+        return self.finish(out)
+
+    def unsupported(self, s):
+        raise _err(f"op '{s.op}' is not supported by the GPU backend yet", s)
+
+    def single_use(self, ssa: str):
+        u = self.uses.get(ssa, [])
+        return u[0] if len(u) == 1 and isinstance(u[0], ir.OpStmt) else None
+
+    def op_reshape(self, s):
+        src = self.val(s.operands[0])
+        t = self.types[s.results[0]]
+        self.values[s.results[0]] = (src, self.shape(t), t.dtype.value)
+
+    def op_embedding(self, s):
+        table = self.val(s.operands[1])
+        V, H = self.buffers[table].shape
+        out = self.new_act(s.results[0], self.types[s.results[0]])
+        tok = self.val(s.operands[0])
+        tasks = []
+        for b in range(self.B):
+            tasks.append(
+                Task(
+                    "mk_embedding",
+                    {
+                        0: (table, 0),
+                        1: (out, 0),
+                        2: (tok, 0),
+                        3: ("hist", 0),
+                        4: ("in:positions", 0),
+                        5: ("in:positions0", 0),
+                    },
+                    {16: H, 17: b, 18: self.maxB, 19: V},
+                    cost=H * 2,
+                )
+            )
+        self.embed_op = self.add_op(s.results[0], "embedding", tasks, [tok], [out, "in:positions"])
+
+    def op_rmsnorm(self, s):
+        # fused into each consuming linear's prologue when every consumer is a linear reading it as x
+        users = self.uses.get(s.results[0], [])
+        if users and all(
+            isinstance(u, ir.OpStmt)
+            and u.op == "linear"
+            and u.operands[0] == ir.ValueRef(s.results[0])
+            and len(u.operands) == 2
+            for u in users
+        ):
+            x = self.values[s.operands[0].name]
+            self.values[s.results[0]] = ("rms", (s.operands[0].name, s.operands[1], self.eps(s)), x[2])
+            return
+        x = self.val(s.operands[0])
+        shp = self.vshape(s.operands[0])
+        w = self.val(s.operands[1])
+        H = shp[-1]
+        out = self.new_act(s.results[0], self.types[s.results[0]])
+        t = Task("mk_rmsnorm", {0: (x, 0), 1: (w, 0), 2: (out, 0)}, {16: H, 17: fbits(self.eps(s)), 18: H})
+        self.add_op(s.results[0], "rmsnorm", [t], [x], [out])
+
+    def eps(self, s) -> float:
+        a = self.attrs(s)
+        if "eps" in a:
+            return float(a["eps"])
+        v = s.attr("eps")
+        from mpkir.semantics import eval_expr
+
+        return float(eval_expr(v, self.env)) if v is not None else 1e-6
+
+    def op_silu_mul(self, s):
+        user = self.single_use(s.results[0])
+        if user is not None and user.op == "linear" and len(s.operands) == 2 and len(user.operands) == 2:
+            self.values[s.results[0]] = ("silu", (s.operands[0].name, s.operands[1].name), "bf16")
+            return
+        if len(s.operands) != 2:
+            raise _err("silu_mul with one operand is not supported on GPU yet", s)
+        self._eltwise(s, 1)
+
+    def op_add(self, s):
+        self._eltwise(s, 0)
+
+    def _eltwise(self, s, code):
+        a, b = self.val(s.operands[0]), self.val(s.operands[1])
+        shp = self.vshape(s.operands[0])
+        if self.vshape(s.operands[1]) != shp:
+            raise _err("broadcasting add is not supported on GPU yet", s)
+        out = self.new_act(s.results[0], self.types[s.results[0]])
+        n = shp[-1]
+        t = Task("mk_eltwise", {0: (a, 0), 1: (b, 0), 2: (out, 0)}, {16: n, 17: n, 18: code})
+        self.add_op(s.results[0], s.op, [t], [a, b], [out])
+
+    def op_linear(self, s):
+        if len(s.operands) != 2:
+            raise _err("linear with bias is not supported on GPU yet", s)
+        xin = s.operands[0]
+        W = self.val(s.operands[1])
+        N, K = self.buffers[W].shape
+        if K % 8:
+            raise _err(f"linear K={K} must be a multiple of 8 on GPU", s)
+        p: dict[int, tuple[str, int]] = {}
+        a: dict[int, int] = {16: K, 19: K}
+        reads = []
+        src = self.values[xin.name]
+        if src[0] == "rms":
+            xname, wref, eps = src[1]
+            x = self.values[xname][0]
+            p[0] = (x, 0)
+            p[4] = (self.val(wref), 0)
+            a[20], a[21] = 1, fbits(eps)
+            reads = [x]
+        elif src[0] == "silu":
+            g, u = self.values[src[1][0]][0], self.values[src[1][1]][0]
+            p[0], p[5] = (g, 0), (u, 0)
+            a[20] = 2
+            reads = [g, u]
+        else:
+            p[0] = (src[0], 0)
+            a[20] = 0
+            reads = [src[0]]
+        res_name = s.results[0]
+        user = self.single_use(s.results[0])
+        epi = 0
+        resid = None
+        argmax_stmt = None
+        if (
+            user is not None
+            and user.op == "add"
+            and self.shape(
+                self.types[user.operands[0].name]
+                if isinstance(user.operands[0], ir.ValueRef)
+                else self.gtypes[user.operands[0].name]
+            )
+            == self.shape(
+                self.types[user.operands[1].name]
+                if isinstance(user.operands[1], ir.ValueRef)
+                else self.gtypes[user.operands[1].name]
+            )
+        ):
+            other = [o for o in user.operands if not (isinstance(o, ir.ValueRef) and o.name == s.results[0])]
+            if len(other) == 1:
+                resid = self.val(other[0])
+                epi |= 1
+                self.fused.add(id(user))
+                res_name = user.results[0]
+                reads.append(resid)
+        if user is not None and (user.op == "argmax" or (user.op == "sample" and self._greedy_sample(user))):
+            epi |= 2
+            argmax_stmt = user
+        out = self.new_act(res_name, self.types[res_name])
+        if res_name != s.results[0]:
+            self.values[s.results[0]] = self.values[res_name]
+        R = self.rows_per_task(N, K)
+        ntile = (N + R - 1) // R
+        part = None
+        if epi & 2:
+            part = self.add_buffer(f"argpart:{s.results[0]}", "scratch", (ntile, self.maxB, 2), "f32")
+        mode_mma = os.environ.get("MPKIR_MMA", "auto")
+        mma = K % 32 == 0 and (mode_mma == "1" or (mode_mma == "auto" and self.B > 2))
+        smem = (
+            TILE_B * (K + 32) * 2 + NWARP * 128 * 4 + NWARP * TILE_B * 4
+            if mma
+            else TILE_B * K * 2 + 2 * NWARP * TILE_B * 4
+        )
+        self.smem = max(getattr(self, "smem", 0), smem)
+        if smem > SMEM_LIMIT:
+            raise _err(f"linear K={K} needs {smem} B of shared memory (limit {SMEM_LIMIT})", s)
+        tasks = []
+        for i in range(ntile):
+            n0 = i * R
+            r = min(R, N - n0)
+            tp = dict(p)
+            tp[1] = (W, n0 * K * 2)
+            tp[2] = (out, n0 * 2)
+            if resid:
+                tp[3] = (resid, n0 * 2)
+            if part:
+                tp[6] = (part, i * self.maxB * 8)
+            ta = dict(a)
+            ta.update({17: r, 18: N, 22: epi, 23: n0})
+            if mma:
+                u = next(u for u in (4, 2, 1) if K % (32 * u) == 0)
+                variant = f"mk_linear_mma<{u}>"
+            else:
+                u = max(1, min(8, math.ceil(K / 8 / max(1, NWARP // max(r, 1)) / 32)))
+                u = 1 << (u - 1).bit_length()
+                variant = f"mk_linear<{min(u, 8)}>"
+            tasks.append(Task(variant, tp, ta, cost=r * K * 2 + 4096, prefetch=(W, n0 * K * 2, r * K * 2)))
+        writes = [out] + ([part] if part else [])
+        self.add_op(res_name, "linear", tasks, reads, writes)
+        if argmax_stmt is not None:
+            self.logits = out
+            self.fused.add(id(argmax_stmt))
+            outb = self.new_act(argmax_stmt.results[0], self.types[argmax_stmt.results[0]])
+            ft = [
+                Task(
+                    "mk_argmax_final",
+                    {0: (part, 0), 1: (outb, 0), 2: ("hist", 0)},
+                    {16: ntile, 17: b, 18: self.maxB},
+                )
+                for b in range(self.B)
+            ]
+            self.final_op = self.add_op(argmax_stmt.results[0], "argmax", ft, [part], [outb, "hist"])
+
+    def _greedy_sample(self, s) -> bool:
+        a = self.attrs(s)
+        return self.greedy or float(a.get("temperature", 1.0)) == 0.0
+
+    def op_argmax(self, s):
+        raise _err("argmax must directly follow a linear (lm_head) on the GPU backend", s)
+
+    def op_sample(self, s):
+        raise _err(
+            "sampling with temperature > 0 is not implemented on the GPU backend yet (use --greedy)", s
+        )
+
+    def rows_per_task(self, N: int, K: int) -> int:
+        k = 1
+        while True:
+            R = math.ceil(N / (self.num_sms * k))
+            if int(os.environ.get("MPKIR_TILE_KB", LINEAR_TILE_BYTES // 1024)) * 1024 >= R * K * 2 or R == 1:
+                return R
+            k += 1
+
+    def op_head_rmsnorm(self, s):
+        user = self.single_use(s.results[0])
+        if user is not None and user.op == "rope" and user.operands[0] == ir.ValueRef(s.results[0]):
+            self.fused.add(id(user))
+            self._norm_rope(s, user)
+        else:
+            self._norm_rope(s, None)
+
+    def op_rope(self, s):
+        self._norm_rope(None, s)
+
+    def _norm_rope(self, norm, rope):
+        first = norm or rope
+        last = rope or norm
+        x = self.val(first.operands[0])
+        _Bm, H, D = self.vshape(first.operands[0])
+        out = self.new_act(last.results[0], self.types[last.results[0]])
+        p = {0: (x, 0), 2: (out, 0), 3: ("in:positions", 0)}
+        a = {16: H, 17: D, 20: 0, 22: D}
+        reads = [x, "in:positions"]
+        if norm is not None:
+            p[1] = (self.val(norm.operands[1]), 0)
+            a[18] = fbits(self.eps(norm))
+            a[20] |= 1
+        if rope is not None:
+            ra = self.attrs(rope)
+            if str(ra.get("style", "neox")) != "neox":
+                raise _err("only neox-style rope is supported on GPU", rope)
+            a[19] = fbits(float(ra.get("theta", 10000.0)))
+            rd = int(ra.get("rotary_dim", 0) or D)
+            a[22] = rd
+            a[20] |= 2
+        if D % 32 and D not in (64, 128):
+            raise _err(f"head dim {D} not supported", first)
+        tasks = []
+        for b in range(self.B):
+            ta = dict(a)
+            ta[21] = b
+            tasks.append(Task(f"mk_head_norm_rope<{D}>", dict(p), ta, cost=H * D * 4))
+        self.smem = max(getattr(self, "smem", 0), NWARP * D * 4)
+        self.add_op(last.results[0], "norm_rope", tasks, reads, [out])
+
+    def op_paged_attention(self, s):
+        q, k, v, kc, vc, pt, pos, sid = (self.val(o) for o in s.operands[:8])
+        _, Hq, D = self.vshape(s.operands[0])
+        Hkv = self.vshape(s.operands[1])[1]
+        _P, PG, _, _ = self.buffers[kc].shape
+        PPS = self.buffers[pt].shape[1]
+        G = Hq // Hkv
+        if D not in (64, 128) or not 1 <= G <= 8 or Hq % Hkv:
+            raise _err(f"paged_attention with head_dim {D}, group {G} not supported on GPU", s)
+        a_ = self.attrs(s)
+        scale = float(a_.get("scale", 0.0) or 0.0) or 1.0 / math.sqrt(D)
+        S = max(1, min(16, self.num_sms // (Hkv * self.B)))
+        out = self.new_act(s.results[0], self.types[s.results[0]])
+        part = (
+            self.add_buffer(f"attnpart:{s.results[0]}", "scratch", (self.maxB, Hkv, S, G, D + 2), "f32")
+            if S > 1
+            else None
+        )
+        tasks = []
+        for b in range(self.B):
+            for h in range(Hkv):
+                for sp in range(S):
+                    p = {
+                        0: (q, 0),
+                        1: (k, 0),
+                        2: (v, 0),
+                        3: (kc, 0),
+                        4: (vc, 0),
+                        5: (pt, 0),
+                        6: (pos, 0),
+                        7: (sid, 0),
+                        8: (part or out, 0),
+                    }
+                    tasks.append(
+                        Task(
+                            f"mk_attention<{D},{G}>",
+                            p,
+                            {16: b, 17: h, 18: sp, 19: S, 20: Hkv, 21: PG, 22: PPS, 23: fbits(scale)},
+                        )
+                    )
+        NP = NWARP * (32 // (D // 8))
+        self.smem = max(getattr(self, "smem", 0), NP * G * (D + 2) * 4)
+        self.add_op(
+            s.results[0] + ".split",
+            "attention",
+            tasks,
+            [q, k, v, pt, pos, sid, kc, vc],
+            [part or out, kc, vc],
+            jit=True,
+        )
+        if part:
+            mt = [
+                Task(
+                    "mk_attention_merge",
+                    {0: (part, 0), 1: (out, 0)},
+                    {16: b, 17: h, 18: S, 19: Hkv, 20: G, 21: D},
+                )
+                for b in range(self.B)
+                for h in range(Hkv)
+            ]
+            self.add_op(s.results[0], "attention_merge", mt, [part], [out])
+
+    # ---------------------------------------------------------------- placement
+    def finish(self, out: str) -> Plan:
+        # levels: longest path from a source over same-step edges
+        level = []
+        for o in self.ops:
+            level.append(1 + max((level[d] for d, lag in o.deps if lag == 0), default=-1))
+            o.deps = sorted(set(o.deps))
+        tid = 0
+        for o in self.ops:
+            o.first_task = tid
+            tid += len(o.tasks)
+        lists: list[list[int]] = [[] for _ in range(self.num_sms)]
+        loads: dict[int, list[float]] = {}
+        for i, o in enumerate(self.ops):
+            if o.jit:
+                for lst in lists:
+                    lst.append(-(i + 1))
+                continue
+            ld = loads.setdefault(level[i], [0.0] * self.num_sms)
+            for j, t in enumerate(o.tasks):
+                sm = min(range(self.num_sms), key=lambda k: (ld[k], k))
+                ld[sm] += t.cost
+                lists[sm].append(o.first_task + j)
+        variants = sorted({t.variant for o in self.ops for t in o.tasks})
+        return Plan(
+            model=self.m.model_name or "model",
+            max_tokens=self.maxB,
+            batch=self.B,
+            buffers=self.buffers,
+            ops=self.ops,
+            inputs=self.inputs,
+            output=out,
+            logits=self.logits,
+            lists=lists,
+            smem_bytes=max(getattr(self, "smem", 0), 1024),
+            variants=variants,
+            num_sms=self.num_sms,
+        )
+
+
+def lower(
+    module: ir.Module,
+    analysis=None,
+    *,
+    num_sms: int = NUM_SMS,
+    greedy: bool = False,
+    batch: int | None = None,
+) -> Plan:
+    """Lower the module's (first) graph to a megakernel plan for ``num_sms`` workers."""
+    return _Lowerer(module, analysis, num_sms, greedy, batch).run()

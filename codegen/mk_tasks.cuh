@@ -1,0 +1,586 @@
+// mpkir megakernel: task bodies. Each is a __device__ function run by all MK_NT threads of one CTA,
+// with pre-offset pointers (no blockIdx); bf16 storage, f32 accumulation. Parameters: see codegen/lower.py.
+#pragma once
+
+// ---------------------------------------------------------------- embedding (+ step advance)
+// p0 table [V,H], p1 out [B,H], p2 tokens0 [B], p3 token history [steps,maxB], p4 live positions [B],
+// p5 positions0 [B]; a16 H, a17 token b, a18 maxB, a19 vocab
+__device__ void mk_embedding(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  const int b = t.a[17];
+  if (b >= B) return;
+  const int H = t.a[16], maxB = t.a[18];
+  int tok = it == 1 ? mk_ld_i32((const int*)t.p[2] + b) : mk_ld_i32((const int*)t.p[3] + (it - 2) * maxB + b);
+  tok = min(max(tok, 0), t.a[19] - 1);
+  if (threadIdx.x == 0) ((int*)t.p[4])[b] = mk_ld_i32((const int*)t.p[5] + b) + it - 1;
+  const uint4* src = (const uint4*)((const __nv_bfloat16*)t.p[0] + (size_t)tok * H);
+  uint4* dst = (uint4*)((__nv_bfloat16*)t.p[1] + (size_t)b * H);
+  for (int i = threadIdx.x; i < H / 8; i += MK_NT) dst[i] = mk_ld_weight(src + i);
+}
+
+// ---------------------------------------------------------------- rmsnorm (standalone)
+// p0 x [B,H] (stride a18), p1 w [H], p2 out [B,H]; a16 H, a17 eps bits, a18 x stride
+__device__ void mk_rmsnorm(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  const int H = t.a[16], xs = t.a[18];
+  const float eps = mk_af(t, 17);
+  float* red = (float*)smem;
+  for (int b = 0; b < B; ++b) {
+    const __nv_bfloat16* x = (const __nv_bfloat16*)t.p[0] + (size_t)b * xs;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < H; i += MK_NT) { float v = mk_ld_bf16(x + i); s += v * v; }
+    s = mk_warp_sum(s);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+    __syncthreads();
+    float tot = 0.f;
+    for (int w = 0; w < MK_NWARP; ++w) tot += red[w];
+    const float r = rsqrtf(tot / H + eps);
+    for (int i = threadIdx.x; i < H; i += MK_NT) {
+      float v = mk_ld_bf16(x + i) * r * __bfloat162float(((const __nv_bfloat16*)t.p[1])[i]);
+      ((__nv_bfloat16*)t.p[2])[(size_t)b * H + i] = __float2bfloat16_rn(v);
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------- elementwise: add / silu_mul
+// p0 a, p1 b, p2 out, all [B, n] with the same row stride a17; a16 n (columns), a18 op (0 add, 1 silu_mul)
+__device__ void mk_eltwise(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  const int n = t.a[16], st = t.a[17], op = t.a[18];
+  for (int i = threadIdx.x; i < B * n; i += MK_NT) {
+    const int b = i / n, c = i % n;
+    const size_t o = (size_t)b * st + c;
+    float x = mk_ld_bf16((const __nv_bfloat16*)t.p[0] + o), y = mk_ld_bf16((const __nv_bfloat16*)t.p[1] + o);
+    float r = op == 0 ? x + y : (x / (1.f + __expf(-x))) * y;
+    ((__nv_bfloat16*)t.p[2])[o] = __float2bfloat16_rn(r);
+  }
+}
+
+// ---------------------------------------------------------------- linear tile (GEMV, small batch)
+// Rows [n0, n0+R) of out[b, n] = x[b,:] . W[n,:]  with a prologue that stages x (bf16) in shared memory:
+//   mode 0: x as is; 1: rmsnorm(x) * p4 (fused rmsnorm, eps a21); 2: silu(x) * p5 (fused silu_mul)
+// and an epilogue: flag 1: out = residual p3 + out; flag 2: per-token (max, argmax) of the tile -> p6.
+// p0 x [B, K] (stride a19), p1 W (row n0), p2 out (col n0; stride a18), p3 residual (col n0; stride a18),
+// p4 norm weight [K], p5 up [B, K] (stride a19), p6 argmax partials {float, int}[B] of this tile
+// a16 K, a17 R, a18 out stride, a19 x stride, a20 mode, a21 eps bits, a22 epilogue flags, a23 n0
+// Stage x[b0 .. b0+nb) (with the prologue transform) into shared memory rows of XST elements.
+__device__ __forceinline__ void mk_stage_x(const MkTask& t, int b0, int nb, __nv_bfloat16* xs, int XST, float* red) {
+  const int K = t.a[16], XS = t.a[19], mode = t.a[20];
+  const float eps = mk_af(t, 21);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int nchunk = K / 8;
+  const int K_ = XST;
+    // ---- prologue: stage x[b0 .. b0+nb) in shared memory
+  if (mode == 1) {  // block-wide sum of squares per token, then normalise in parallel
+    float ss[MK_TILE_B];
+#pragma unroll
+    for (int b = 0; b < MK_TILE_B; ++b) ss[b] = 0.f;
+    for (int c = threadIdx.x; c < nchunk; c += MK_NT) {
+#pragma unroll
+      for (int b = 0; b < MK_TILE_B; ++b) {
+        if (b < nb) {
+          float f[8];
+          mk_unpack8(mk_ld_act16((const __nv_bfloat16*)t.p[0] + (size_t)(b0 + b) * XS + c * 8), f);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) ss[b] += f[j] * f[j];
+        }
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < MK_TILE_B; ++b) {
+      const float v = mk_warp_sum(ss[b]);
+      if (lane == 0) red[warp * MK_TILE_B + b] = v;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nb * nchunk; i += MK_NT) {
+      const int b = i / nchunk, c = i % nchunk;
+      float tot = 0.f;
+      for (int w = 0; w < MK_NWARP; ++w) tot += red[w * MK_TILE_B + b];
+      const float r = rsqrtf(tot / K + eps);
+      float f[8], g[8];
+      mk_unpack8(mk_ld_act16((const __nv_bfloat16*)t.p[0] + (size_t)(b0 + b) * XS + c * 8), f);
+      mk_unpack8(mk_ld_weight((const __nv_bfloat16*)t.p[4] + c * 8), g);
+      __align__(16) __nv_bfloat16 o[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o[j] = __float2bfloat16_rn(f[j] * r * g[j]);
+      *(uint4*)(xs + (size_t)b * K_ + c * 8) = *(uint4*)o;
+    }
+  } else {
+    for (int i = threadIdx.x; i < nb * nchunk; i += MK_NT) {
+      const int b = i / nchunk, c = i % nchunk;
+      uint4 v = mk_ld_act16((const __nv_bfloat16*)t.p[0] + (size_t)(b0 + b) * XS + c * 8);
+      if (mode == 2) {
+        float g[8], u[8];
+        mk_unpack8(v, g);
+        mk_unpack8(mk_ld_act16((const __nv_bfloat16*)t.p[5] + (size_t)(b0 + b) * XS + c * 8), u);
+        __align__(16) __nv_bfloat16 o[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] = __float2bfloat16_rn((g[j] / (1.f + __expf(-g[j]))) * u[j]);
+        v = *(uint4*)o;
+      }
+      *(uint4*)(xs + (size_t)b * K_ + c * 8) = v;
+    }
+  }
+}
+
+template <int U>
+__device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
+  const int K = t.a[16], R = t.a[17], NS = t.a[18], epi = t.a[22];
+  __nv_bfloat16* xs = (__nv_bfloat16*)smem;                           // [MK_TILE_B][K]
+  float* part = (float*)(smem + (size_t)MK_TILE_B * K * 2);          // [MK_NWARP][MK_TILE_B]
+  float* red = part + MK_NWARP * MK_TILE_B;                           // [MK_NWARP][MK_TILE_B]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int nchunk = K / 8;
+  const int KS = R >= MK_NWARP ? 1 : MK_NWARP / R;                   // warps per row (in-CTA split-K)
+  const int kseg = warp % KS, rgrp = warp / KS, rstep = MK_NWARP / KS;
+  const int cps = (nchunk + KS - 1) / KS;
+  const int c0 = kseg * cps, c1 = min(nchunk, c0 + cps);
+  const __nv_bfloat16* W = (const __nv_bfloat16*)t.p[1];
+  __nv_bfloat16* out = (__nv_bfloat16*)t.p[2];
+  // issue the first row pass of weight loads before the dependency wait (weights never depend on it)
+  uint4 wpre[U];
+  {
+    const __nv_bfloat16* wr = W + (size_t)rgrp * K;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int cc = c0 + lane + 32 * u;
+      wpre[u] = (rgrp < R && cc < c1) ? mk_ld_weight(wr + cc * 8) : make_uint4(0, 0, 0, 0);
+    }
+  }
+  if (!mk_block_wait(t)) return;
+  bool first = true;
+  for (int b0 = 0; b0 < B; b0 += MK_TILE_B) {
+    const int nb = min(MK_TILE_B, B - b0);
+    mk_stage_x(t, b0, nb, xs, K, red);
+    __syncthreads();
+    // ---- main loop: each warp streams rows (or a K-segment of one row) with U 16-byte loads in flight
+    for (int r = rgrp; r < R; r += rstep) {
+      const __nv_bfloat16* wr = W + (size_t)r * K;
+      float acc[MK_TILE_B];
+#pragma unroll
+      for (int b = 0; b < MK_TILE_B; ++b) acc[b] = 0.f;
+      for (int c = c0 + lane; c < c1; c += 32 * U) {
+        uint4 w[U];
+        if (first) {
+#pragma unroll
+          for (int u = 0; u < U; ++u) w[u] = wpre[u];
+          first = false;
+        } else {
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int cc = c + 32 * u;
+            w[u] = cc < c1 ? mk_ld_weight(wr + cc * 8) : make_uint4(0, 0, 0, 0);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int cc = c + 32 * u;
+          if (cc < c1) {
+            float wf[8];
+            mk_unpack8(w[u], wf);
+#pragma unroll
+            for (int b = 0; b < MK_TILE_B; ++b) {
+              if (b < nb) {
+                float xf[8];
+                mk_unpack8(*(const uint4*)(xs + (size_t)b * K + cc * 8), xf);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[b] = fmaf(wf[j], xf[j], acc[b]);
+              }
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < MK_TILE_B; ++b) acc[b] = mk_warp_sum(acc[b]);
+      if (KS == 1) {
+        if (lane < nb) {
+          float v = acc[0];
+#pragma unroll
+          for (int b = 1; b < MK_TILE_B; ++b) if (lane == b) v = acc[b];
+          v = mk_bf16_round(v);
+          const size_t o = (size_t)(b0 + lane) * NS + r;
+          if (epi & 1) v = mk_ld_bf16((const __nv_bfloat16*)t.p[3] + o) + v;
+          out[o] = __float2bfloat16_rn(v);
+        }
+      } else if (lane == 0) {
+#pragma unroll
+        for (int b = 0; b < MK_TILE_B; ++b) part[warp * MK_TILE_B + b] = acc[b];
+      }
+    }
+    __syncthreads();
+    if (KS > 1) {
+      for (int i = threadIdx.x; i < R * nb; i += MK_NT) {
+        const int r = i / nb, b = i % nb;
+        float v = 0.f;
+        for (int k = 0; k < KS; ++k) v += part[(r * KS + k) * MK_TILE_B + b];
+        v = mk_bf16_round(v);
+        const size_t o = (size_t)(b0 + b) * NS + r;
+        if (epi & 1) v = mk_ld_bf16((const __nv_bfloat16*)t.p[3] + o) + v;
+        out[o] = __float2bfloat16_rn(v);
+      }
+      __syncthreads();
+    }
+    if (epi & 2) {  // stage 1 of argmax: (max, first index) of this tile per token
+      for (int b = warp; b < nb; b += MK_NWARP) {
+        float best = MK_NEG_INF;
+        int bi = 0x7fffffff;
+        for (int r = lane; r < R; r += 32) {
+          float v = mk_ld_bf16(out + (size_t)(b0 + b) * NS + r);
+          if (v > best || (v == best && r < bi)) { best = v; bi = r; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          float ov = __shfl_xor_sync(0xffffffffu, best, o);
+          int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+          if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        }
+        if (lane == 0) {
+          ((float*)t.p[6])[2 * (b0 + b)] = best;
+          ((int*)t.p[6])[2 * (b0 + b) + 1] = bi + t.a[23];
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------- argmax stage 2
+// p0 partials {float,int}[ntiles][maxB], p1 out i32 [B], p2 token history [steps][maxB]
+// a16 ntiles, a17 token b, a18 maxB
+__device__ void mk_argmax_final(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  const int b = t.a[17];
+  if (b >= B) return;
+  const int nt = t.a[16], maxB = t.a[18];
+  float best = MK_NEG_INF;
+  int bi = 0x7fffffff;
+  const float* pf = (const float*)t.p[0];
+  for (int i = threadIdx.x; i < nt; i += MK_NT) {
+    float v = __ldcg(pf + 2 * ((size_t)i * maxB + b));
+    int ix = __ldcg((const int*)pf + 2 * ((size_t)i * maxB + b) + 1);
+    if (v > best || (v == best && ix < bi)) { best = v; bi = ix; }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+  }
+  float* sv = (float*)smem;
+  int* si = (int*)(sv + MK_NWARP);
+  if ((threadIdx.x & 31) == 0) { sv[threadIdx.x >> 5] = best; si[threadIdx.x >> 5] = bi; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < MK_NWARP; ++w)
+      if (sv[w] > best || (sv[w] == best && si[w] < bi)) { best = sv[w]; bi = si[w]; }
+    ((int*)t.p[1])[b] = bi;
+    ((int*)t.p[2])[(size_t)(it - 1) * maxB + b] = bi;
+  }
+}
+
+// ---------------------------------------------------------------- per-head rmsnorm and/or rope (neox)
+// one token, all heads of one tensor. p0 x [B,H,D], p1 norm weight [D] (flag 1), p2 out [B,H,D],
+// p3 positions [B]; a16 H, a17 D, a18 eps bits, a19 theta bits, a20 flags (1 norm, 2 rope), a21 b, a22 rotary dim
+template <int D>
+__device__ void mk_head_norm_rope(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  const int b = t.a[21];
+  if (b >= B) return;
+  const int H = t.a[16], flags = t.a[20], RD = t.a[22];
+  const float eps = mk_af(t, 18);
+  const double theta = (double)mk_af(t, 19);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* buf = (float*)smem + warp * D;
+  const int pos = mk_ld_i32((const int*)t.p[3] + b);
+  for (int h = warp; h < H; h += MK_NWARP) {
+    const __nv_bfloat16* x = (const __nv_bfloat16*)t.p[0] + ((size_t)b * H + h) * D;
+    float s = 0.f;
+    for (int i = lane; i < D; i += 32) { float v = mk_ld_bf16(x + i); buf[i] = v; s += v * v; }
+    s = mk_warp_sum(s);
+    if (flags & 1) {
+      const float r = rsqrtf(s / D + eps);
+      for (int i = lane; i < D; i += 32)
+        buf[i] = mk_bf16_round(buf[i] * r * __bfloat162float(((const __nv_bfloat16*)t.p[1])[i]));
+    }
+    __syncwarp();
+    __nv_bfloat16* o = (__nv_bfloat16*)t.p[2] + ((size_t)b * H + h) * D;
+    if (flags & 2) {
+      const int half = RD / 2;
+      for (int i = lane; i < half; i += 32) {
+        const double inv = pow(theta, -2.0 * i / RD);
+        double sn, cs;
+        sincos((double)pos * inv, &sn, &cs);
+        const float c = (float)cs, sf = (float)sn;
+        const float a0 = buf[i], a1 = buf[i + half];
+        o[i] = __float2bfloat16_rn(a0 * c - a1 * sf);
+        o[i + half] = __float2bfloat16_rn(a1 * c + a0 * sf);
+      }
+      for (int i = RD + lane; i < D; i += 32) o[i] = __float2bfloat16_rn(buf[i]);
+    } else {
+      for (int i = lane; i < D; i += 32) o[i] = __float2bfloat16_rn(buf[i]);
+    }
+    __syncwarp();
+  }
+}
+
+// ---------------------------------------------------------------- paged decode attention (split-KV)
+// One (token b, kv head, split s): the G query heads of the group attend to positions of this split.
+// p0 q [B,Hq,D], p1 k [B,Hkv,D], p2 v [B,Hkv,D], p3 k_cache [P,page,Hkv,D], p4 v_cache, p5 page_table
+// [R,pps], p6 positions [B], p7 seq_ids [B], p8 out: bf16 [B,Hq,D] (S == 1) or f32 partials
+// [B,Hkv,S][G][D+2] (m, l, acc); a16 b, a17 kvh, a18 s, a19 S, a20 Hkv, a21 page, a22 pps, a23 scale bits
+template <int D, int G>
+__device__ void mk_attention(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  const int b = t.a[16];
+  if (b >= B) return;
+  const int kvh = t.a[17], s = t.a[18], S = t.a[19], Hkv = t.a[20], PG = t.a[21], PPS = t.a[22];
+  const float scale = mk_af(t, 23);
+  constexpr int LPP = D / 8;        // lanes per position (16 bytes each)
+  constexpr int PPW = 32 / LPP;     // positions per warp step
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane / LPP, gl = lane % LPP;
+  const int seq = mk_ld_i32((const int*)t.p[7] + b);
+  const int pos = mk_ld_i32((const int*)t.p[6] + b);
+  const int Hq = Hkv * G;
+  const __nv_bfloat16* kn = (const __nv_bfloat16*)t.p[1] + ((size_t)b * Hkv + kvh) * D;
+  const __nv_bfloat16* vn = (const __nv_bfloat16*)t.p[2] + ((size_t)b * Hkv + kvh) * D;
+  __nv_bfloat16* kc = (__nv_bfloat16*)t.p[3];
+  __nv_bfloat16* vc = (__nv_bfloat16*)t.p[4];
+  const int* ptab = (const int*)t.p[5];
+  if (s == 0 && seq >= 0) {  // append this token's k, v to the cache (other splits read k/v directly)
+    const int page = mk_ld_i32(ptab + (size_t)seq * PPS + pos / PG);
+    const size_t o = (((size_t)page * PG + pos % PG) * Hkv + kvh) * D;
+    for (int i = threadIdx.x; i < D; i += MK_NT) {
+      kc[o + i] = __float2bfloat16_rn(mk_ld_bf16(kn + i));
+      vc[o + i] = __float2bfloat16_rn(mk_ld_bf16(vn + i));
+    }
+  }
+  const int L = seq >= 0 ? pos + 1 : 0;
+  const int chunk = (L + S - 1) / S;
+  const int p0 = s * chunk, p1 = min(L, p0 + chunk);
+  // q (scaled) for this lane's 8 elements of each head of the group
+  float q[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    mk_unpack8(mk_ld_act16((const __nv_bfloat16*)t.p[0] + ((size_t)b * Hq + kvh * G + g) * D + gl * 8), q[g]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) q[g][j] *= scale;
+  }
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = MK_NEG_INF; l[g] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
+  }
+  for (int pb = p0 + warp * PPW; pb < p1; pb += MK_NWARP * PPW) {
+    const int p = pb + grp;
+    const bool ok = p < p1;
+    float kf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, vf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (ok) {
+      if (p == pos) {
+        mk_unpack8(mk_ld_act16(kn + gl * 8), kf);
+        mk_unpack8(mk_ld_act16(vn + gl * 8), vf);
+      } else {
+        const int page = mk_ld_i32(ptab + (size_t)seq * PPS + p / PG);
+        const size_t o = (((size_t)page * PG + p % PG) * Hkv + kvh) * D + gl * 8;
+        mk_unpack8(mk_ld_act16(kc + o), kf);
+        mk_unpack8(mk_ld_act16(vc + o), vf);
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float d = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) d = fmaf(q[g][j], kf[j], d);
+#pragma unroll
+      for (int o = LPP / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+      if (ok) {
+        const float mn = fmaxf(m[g], d);
+        const float corr = __expf(m[g] - mn), pe = __expf(d - mn);
+        l[g] = l[g] * corr + pe;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * corr + pe * vf[j];
+        m[g] = mn;
+      }
+    }
+  }
+  // combine the NWARP*PPW partial states in shared memory
+  constexpr int NP = MK_NWARP * PPW;
+  float* sm_m = (float*)smem;               // [NP][G]
+  float* sm_l = sm_m + NP * G;              // [NP][G]
+  float* sm_a = sm_l + NP * G;              // [NP][G][D]
+  const int pi = warp * PPW + grp;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (gl == 0) { sm_m[pi * G + g] = m[g]; sm_l[pi * G + g] = l[g]; }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sm_a[(pi * G + g) * D + gl * 8 + j] = acc[g][j];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += MK_NT) {
+    const int g = i / D, d = i % D;
+    float M = MK_NEG_INF;
+    for (int k = 0; k < NP; ++k) M = fmaxf(M, sm_m[k * G + g]);
+    float Ls = 0.f, A = 0.f;
+    if (M != MK_NEG_INF) {
+      for (int k = 0; k < NP; ++k) {
+        const float mk = sm_m[k * G + g];
+        if (mk == MK_NEG_INF) continue;
+        const float e = __expf(mk - M);
+        Ls += sm_l[k * G + g] * e;
+        A += sm_a[(k * G + g) * D + d] * e;
+      }
+    }
+    if (S == 1) {
+      ((__nv_bfloat16*)t.p[8])[((size_t)b * Hq + kvh * G + g) * D + d] = __float2bfloat16_rn(Ls > 0.f ? A / Ls : 0.f);
+    } else {
+      float* pp = (float*)t.p[8] + (((size_t)b * Hkv + kvh) * S + s) * G * (D + 2) + g * (D + 2);
+      if (d == 0) { pp[0] = M; pp[1] = Ls; }
+      pp[2 + d] = A;
+    }
+  }
+}
+
+// merge of the S splits of one (token, kv head): p0 partials, p1 out bf16 [B,Hq,D], p2 seq_ids
+// a16 b, a17 kvh, a18 S, a19 Hkv, a20 G, a21 D
+__device__ void mk_attention_merge(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  const int b = t.a[16];
+  if (b >= B) return;
+  const int kvh = t.a[17], S = t.a[18], Hkv = t.a[19], G = t.a[20], D = t.a[21];
+  const float* pp = (const float*)t.p[0] + ((size_t)b * Hkv + kvh) * S * G * (D + 2);
+  for (int i = threadIdx.x; i < G * D; i += MK_NT) {
+    const int g = i / D, d = i % D;
+    float M = MK_NEG_INF;
+    for (int s = 0; s < S; ++s) M = fmaxf(M, __ldcg(pp + (s * G + g) * (D + 2)));
+    float Ls = 0.f, A = 0.f;
+    if (M != MK_NEG_INF) {
+      for (int s = 0; s < S; ++s) {
+        const float* q = pp + (s * G + g) * (D + 2);
+        const float mk = __ldcg(q);
+        if (mk == MK_NEG_INF) continue;
+        const float e = __expf(mk - M);
+        Ls += __ldcg(q + 1) * e;
+        A += __ldcg(q + 2 + d) * e;
+      }
+    }
+    ((__nv_bfloat16*)t.p[1])[((size_t)b * Hkv * G + kvh * G + g) * D + d] =
+        __float2bfloat16_rn(Ls > 0.f ? A / Ls : 0.f);
+  }
+}
+
+// ---------------------------------------------------------------- linear tile on tensor cores (K % 32 == 0)
+// Same parameters and semantics as mk_linear. Each warp owns 16-row blocks of W and a K range; per 32-wide
+// K block a thread loads 16 bytes of row g and of row g+8 (g = lane/4) and 16 bytes of token g's x from shared
+// memory; two mma.m16n8k16 (bf16 in, f32 accumulate) consume them (K is permuted identically for W and x,
+// so the dot products are unchanged). The 8 mma columns are 8 tokens: batch 1..8 costs the same.
+__device__ __forceinline__ void mk_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                            unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int U>
+__device__ void mk_linear_mma(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  // Each warp owns 16-row blocks of W (the mma's M) and a K range; tokens are the mma's N (8 columns).
+  // Per 32*U-wide K block, thread (g = lane/4, tq = lane%4) streams 16*U contiguous bytes of rows g and g+8
+  // and reads token g's x at the same K offsets from shared memory (K is permuted identically for W and x,
+  // so the dot products are unchanged). Two accumulator sets keep two independent mma chains in flight.
+  const int K = t.a[16], R = t.a[17], NS = t.a[18], epi = t.a[22];
+  const int XST = K + 32;                                             // padded rows: no bank conflicts
+  __nv_bfloat16* xs = (__nv_bfloat16*)smem;                           // [MK_TILE_B][XST]
+  float* part = (float*)(smem + (size_t)MK_TILE_B * XST * 2);        // [MK_NWARP][16 rows][8 tokens]
+  float* red = part + MK_NWARP * 128;                                 // [MK_NWARP][MK_TILE_B]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int nrb = (R + 15) / 16, nkb = K / (32 * U);
+  const int KS = nrb >= MK_NWARP ? 1 : MK_NWARP / nrb;
+  const int kseg = warp % KS, rb0 = warp / KS, rbstep = MK_NWARP / KS;
+  const int kps = (nkb + KS - 1) / KS;
+  const int kb0 = kseg * kps, kb1 = min(nkb, kb0 + kps);
+  const __nv_bfloat16* W = (const __nv_bfloat16*)t.p[1];
+  __nv_bfloat16* out = (__nv_bfloat16*)t.p[2];
+  for (int b0 = 0; b0 < B; b0 += MK_TILE_B) {
+    const int nb = min(MK_TILE_B, B - b0);
+    mk_stage_x(t, b0, nb, xs, XST, red);
+    __syncthreads();
+    for (int rb = rb0; rb < nrb; rb += rbstep) {
+      const int r0 = rb * 16 + g, r1 = r0 + 8;
+      const bool ok0 = r0 < R, ok1 = r1 < R;
+      const __nv_bfloat16* w0 = W + (size_t)r0 * K + tq * 8 * U;
+      const __nv_bfloat16* w1 = W + (size_t)r1 * K + tq * 8 * U;
+      const __nv_bfloat16* xr = xs + (size_t)g * XST + tq * 8 * U;
+      float c[4] = {0.f, 0.f, 0.f, 0.f}, d[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int kb = kb0; kb < kb1; ++kb) {
+        uint4 wa[U], wb[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          wa[u] = ok0 ? mk_ld_weight(w0 + kb * 32 * U + 8 * u) : make_uint4(0, 0, 0, 0);
+          wb[u] = ok1 ? mk_ld_weight(w1 + kb * 32 * U + 8 * u) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const uint4 xv = *(const uint4*)(xr + kb * 32 * U + 8 * u);
+          mk_mma_bf16(c, wa[u].x, wb[u].x, wa[u].y, wb[u].y, xv.x, xv.y);
+          mk_mma_bf16(d, wa[u].z, wb[u].z, wa[u].w, wb[u].w, xv.z, xv.w);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) c[q] += d[q];
+      // c[0], c[1]: row g, tokens 2tq, 2tq+1; c[2], c[3]: row g+8
+      if (KS == 1) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int r = rb * 16 + g + (q >> 1) * 8, n = 2 * tq + (q & 1);
+          if (r < R && n < nb) {
+            float v = mk_bf16_round(c[q]);
+            const size_t o = (size_t)(b0 + n) * NS + r;
+            if (epi & 1) v = mk_ld_bf16((const __nv_bfloat16*)t.p[3] + o) + v;
+            out[o] = __float2bfloat16_rn(v);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) part[warp * 128 + (g + (q >> 1) * 8) * 8 + 2 * tq + (q & 1)] = c[q];
+      }
+    }
+    __syncthreads();
+    if (KS > 1) {
+      for (int i = threadIdx.x; i < R * nb; i += MK_NT) {
+        const int r = i / nb, n = i % nb, rb = r / 16;
+        float v = 0.f;
+        for (int k = 0; k < KS; ++k) v += part[(rb * KS + k) * 128 + (r % 16) * 8 + n];
+        v = mk_bf16_round(v);
+        const size_t o = (size_t)(b0 + n) * NS + r;
+        if (epi & 1) v = mk_ld_bf16((const __nv_bfloat16*)t.p[3] + o) + v;
+        out[o] = __float2bfloat16_rn(v);
+      }
+      __syncthreads();
+    }
+    if (epi & 2) {
+      const int warp_ = warp;
+      for (int b = warp_; b < nb; b += MK_NWARP) {
+        float best = MK_NEG_INF;
+        int bi = 0x7fffffff;
+        for (int r = lane; r < R; r += 32) {
+          float v = mk_ld_bf16(out + (size_t)(b0 + b) * NS + r);
+          if (v > best || (v == best && r < bi)) { best = v; bi = r; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          float ov = __shfl_xor_sync(0xffffffffu, best, o);
+          int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+          if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        }
+        if (lane == 0) {
+          ((float*)t.p[6])[2 * (b0 + b)] = best;
+          ((int*)t.p[6])[2 * (b0 + b) + 1] = bi + t.a[23];
+        }
+      }
+    }
+    __syncthreads();
+  }
+}

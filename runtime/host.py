@@ -1,0 +1,315 @@
+"""CuPy host runtime of the megakernel: compile (NVRTC, cached on disk), allocate, launch N steps, watchdog.
+
+``Megakernel(module, batch=B)`` lowers and compiles; ``.init_random(seed)`` fills weights and KV cache;
+``.run(tokens, positions, steps)`` launches once for ``steps`` decode steps and returns the tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+
+from mpkir.codegen.emit import emit_cuda
+from mpkir.codegen.lower import NT, Plan, lower
+
+TASK_DTYPE = np.dtype([("p", "<i8", (12,)), ("a", "<i4", (32,))])
+assert TASK_DTYPE.itemsize == 224
+
+
+class DeviceError(RuntimeError):
+    pass
+
+
+def _cupy():
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        return cupy
+    except Exception as e:  # no CuPy or no GPU
+        raise DeviceError(f"no CUDA GPU available ({type(e).__name__}: {e}); use --device cpu") from None
+
+
+def compile_source(src: str, cache_dir: str | None = None):
+    """Compile with NVRTC for sm_90a; CuPy's on-disk cache is keyed by the source hash."""
+    cp = _cupy()
+    os.environ.setdefault("CUPY_CACHE_DIR", cache_dir or os.path.expanduser("~/.cache/mpkir/kernels"))
+    mod = cp.RawModule(
+        code=src, options=("--gpu-architecture=sm_90a", "-std=c++17", "-DNDEBUG"), backend="nvrtc"
+    )
+    return mod.get_function("mk_megakernel")
+
+
+def _bf16_from_f32(cp, x):
+    u = x.view(cp.uint32)
+    r = (u + cp.uint32(0x7FFF) + ((u >> 16) & cp.uint32(1))) >> 16
+    return r.astype(cp.uint16)
+
+
+class Megakernel:
+    def __init__(self, module, batch: int | None = None, greedy: bool = True, spin_limit: int = 20_000_000):
+        cp = self.cp = _cupy()
+        dev = cp.cuda.Device()
+        props = cp.cuda.runtime.getDeviceProperties(dev.id)
+        self.num_sms = props["multiProcessorCount"]
+        self.device_name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        self.module, self.greedy = module, greedy
+        t0 = time.time()
+        self.plan: Plan = lower(module, num_sms=self.num_sms, greedy=greedy, batch=batch)
+        self.src = emit_cuda(self.plan)
+        self.source_hash = hashlib.sha256(self.src.encode()).hexdigest()[:16]
+        self.lower_s = time.time() - t0
+        t0 = time.time()
+        self.kernel = compile_source(self.src)
+        self.kernel.max_dynamic_shared_size_bytes = self.plan.smem_bytes
+        self.compile_s = time.time() - t0
+        occ = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            self.kernel.kernel.ptr, NT, self.plan.smem_bytes
+        )
+        if occ < 1:
+            raise DeviceError(
+                f"megakernel cannot be resident: {self.kernel.num_regs} registers x {NT} threads, "
+                f"{self.plan.smem_bytes} B dynamic smem -> occupancy {occ}; refusing to launch"
+            )
+        self.spin_limit = spin_limit
+        self.bufs: dict[str, object] = {}
+        self.B = self.plan.batch
+        self._alloc()
+
+    def set_batch(self, batch: int):
+        """Re-plan for ``batch`` live tokens, keeping weights and caches (same kernel source)."""
+        self.plan = lower(self.module, num_sms=self.num_sms, greedy=self.greedy, batch=batch)
+        src = emit_cuda(self.plan)
+        if src != self.src:
+            self.src = src
+            self.kernel = compile_source(src)
+            self.kernel.max_dynamic_shared_size_bytes = self.plan.smem_bytes
+        self.B = self.plan.batch
+        self._alloc()
+        self.d_tasks = None
+
+    # ---------------------------------------------------------------- memory
+    def _alloc(self):
+        cp = self.cp
+        for name, b in self.plan.buffers.items():
+            dt = {"bf16": cp.uint16, "f32": cp.float32, "i32": cp.int32}[b.dtype]
+            old = self.bufs.get(name)
+            if old is not None and (old.shape == tuple(b.shape) or name == "hist"):
+                continue
+            self.bufs[name] = cp.zeros(b.shape, dtype=dt)
+
+    def resize_hist(self, steps: int):
+        self.bufs["hist"] = self.cp.zeros((steps, self.plan.max_tokens), dtype=self.cp.int32)
+
+    def init_random(self, seed: int = 0, kv_scale: float = 1.0):
+        """Random bf16 weights (std 0.02; 1-D norm weights 1 + 0.1 N(0,1)) and a random KV cache."""
+        cp = self.cp
+        rs = cp.random.RandomState(seed)
+        for name in sorted(self.plan.buffers):
+            b = self.plan.buffers[name]
+            if b.kind not in ("weight", "state"):
+                continue
+            arr = self.bufs[name].reshape(-1)
+            n = arr.size
+            step = 1 << 27
+            for i in range(0, n, step):
+                m = min(step, n - i)
+                if b.kind == "state":
+                    x = rs.standard_normal(m, dtype=cp.float32) * kv_scale
+                elif len(b.shape) == 1:
+                    x = 1.0 + 0.1 * rs.standard_normal(m, dtype=cp.float32)
+                else:
+                    x = 0.02 * rs.standard_normal(m, dtype=cp.float32)
+                arr[i : i + m] = _bf16_from_f32(cp, x.astype(cp.float32))
+        cp.cuda.Device().synchronize()
+
+    # ---------------------------------------------------------------- task table
+    def _table(self):
+        cp = self.cp
+        plan = self.plan
+        ptr = {n: int(a.data.ptr) for n, a in self.bufs.items()}
+        var = {v: i for i, v in enumerate(plan.variants)}
+        tab = np.zeros(plan.num_tasks, dtype=TASK_DTYPE)
+        ntr = [len(o.tasks) for o in plan.ops]
+        k = 0
+        for oi, op in enumerate(plan.ops):
+            waits = op.deps
+            if len(waits) > 4:
+                raise DeviceError(f"op {op.name} waits on {len(waits)} events (max 4)")
+            for t in op.tasks:
+                row = tab[k]
+                for i, (bn, off) in t.p.items():
+                    row["p"][i] = ptr[bn] + off
+                for i, v in t.a.items():
+                    row["a"][i] = v
+                row["a"][0] = var[t.variant]
+                row["a"][1] = oi
+                row["a"][2] = len(waits)
+                row["a"][3] = sum(1 << j for j, (_, lag) in enumerate(waits) if lag)
+                for j, (ev, _) in enumerate(waits):
+                    row["a"][4 + j] = ev
+                    row["a"][8 + j] = ntr[ev]
+                if t.prefetch and os.environ.get("MPKIR_PREFETCH", "0") != "0":
+                    bn, off, nb = t.prefetch
+                    row["p"][11] = ptr[bn] + off
+                    row["a"][12] = nb & ~15
+                k += 1
+        off = np.zeros(plan.num_sms + 1, dtype=np.int32)
+        off[1:] = np.cumsum([len(lst) for lst in plan.lists])
+        flat = np.array([x for lst in plan.lists for x in lst], dtype=np.int32)
+        jit = np.zeros((max(1, len(plan.ops)), 4), dtype=np.int32)
+        for oi, op in enumerate(plan.ops):
+            jit[oi, 1], jit[oi, 2] = op.first_task, len(op.tasks)
+        self.d_tasks = cp.asarray(tab.view(np.uint8))
+        self.d_off = cp.asarray(off)
+        self.d_list = cp.asarray(flat)
+        self.h_jit = jit
+        self.d_counters = cp.zeros(len(plan.ops), dtype=cp.uint64)
+        self.d_status = cp.zeros(4, dtype=cp.int32)
+        self.d_dump = cp.zeros((plan.num_sms, 8), dtype=cp.int32)
+        self.d_jit = cp.asarray(jit)
+
+    # ---------------------------------------------------------------- launch
+    def set_inputs(self, tokens, positions, seq_ids=None, page_table=None):
+        cp = self.cp
+        B = self.B
+        tok = np.zeros(self.plan.max_tokens, np.int32)
+        tok[:B] = tokens
+        pos = np.zeros(self.plan.max_tokens, np.int32)
+        pos[:B] = positions
+        ins = self.plan.inputs
+        self.bufs[ins["tokens"]][...] = cp.asarray(tok)
+        self.bufs["in:positions0"][...] = cp.asarray(pos)
+        self.bufs[ins["positions"]][...] = cp.asarray(pos)
+        sid = np.full(self.plan.max_tokens, -1, np.int32)
+        sid[:B] = np.arange(B) if seq_ids is None else seq_ids
+        self.bufs[ins["seq_ids"]][...] = cp.asarray(sid)
+        pt = self.bufs[ins["page_table"]]
+        R, pps = pt.shape
+        pt[...] = cp.arange(R * pps, dtype=cp.int32).reshape(R, pps) if page_table is None else page_table
+
+    def launch(self, steps: int, trace_cap: int = 0):
+        """One launch for ``steps`` decode steps; returns elapsed ms (device events)."""
+        cp = self.cp
+        if "hist" not in self.bufs or self.bufs["hist"].shape[0] != steps:
+            self.resize_hist(steps)
+            self.d_tasks = None
+        if getattr(self, "d_tasks", None) is None:
+            self._table()
+        self.d_counters.fill(0)
+        self.d_status.fill(0)
+        self.d_dump.fill(0)
+        self.d_jit[...] = cp.asarray(self.h_jit)
+        self.bufs["hist"].fill(-1)
+        self.d_trace = (
+            cp.zeros((self.plan.num_sms, max(trace_cap, 1), 4), dtype=cp.uint64) if trace_cap else None
+        )
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record()
+        self.kernel(
+            (self.plan.num_sms,),
+            (NT,),
+            (
+                self.d_tasks,
+                self.d_off,
+                self.d_list,
+                self.d_counters,
+                self.d_status,
+                self.d_dump,
+                self.d_trace if self.d_trace is not None else np.uint64(0),
+                np.int32(trace_cap),
+                np.int32(steps),
+                np.int32(self.B),
+                np.int64(self.spin_limit),
+                self.d_jit,
+            ),
+            shared_mem=self.plan.smem_bytes,
+        )
+        e1.record()
+        e1.synchronize()
+        st = cp.asnumpy(self.d_status)
+        if st[0] != 0 or st[1] != 0:
+            raise DeviceError(self.hang_report(st))
+        return cp.cuda.get_elapsed_time(e0, e1)
+
+    def hang_report(self, st) -> str:
+        dump = self.cp.asnumpy(self.d_dump)
+        names = {}
+        k = 0
+        for op in self.plan.ops:
+            for _ in op.tasks:
+                names[k] = op.name
+                k += 1
+        lines = [f"megakernel watchdog: error {st[0]} (first timeout on SM {st[2]}); per-SM state:"]
+        for sm, d in enumerate(dump):
+            if d[7]:
+                ev = self.plan.ops[d[1]].name if 0 <= d[1] < len(self.plan.ops) else "?"
+                lines.append(
+                    f"  SM {sm:3d}: task {d[0]} ({names.get(int(d[0]), '?')}) step {d[2]} waits on "
+                    f"event {d[1]} ({ev}) counter {d[4]} < {d[3]}{' TIMEOUT' if d[6] else ''}"
+                )
+        return "\n".join(lines)
+
+    def poison(self):
+        """Fill every activation and scratch buffer with NaN (bf16/f32) or -1 (i32) before a check run."""
+        cp = self.cp
+        for name, b in self.plan.buffers.items():
+            if b.kind in ("act", "scratch"):
+                a = self.bufs[name]
+                if a.dtype == cp.uint16:
+                    a.fill(0x7FC0)
+                elif a.dtype == cp.float32:
+                    a.fill(cp.nan)
+                else:
+                    a.fill(-1)
+
+    def tokens(self):
+        return self.cp.asnumpy(self.bufs["hist"])[:, : self.B]
+
+    def buffer(self, name):
+        return self.bufs[name]
+
+
+def run_cli(args) -> int:
+    """``mpkir run FILE --device gpu --steps N [--trace out.json]``: random weights, one launch, tokens."""
+    from mpkir.commands import load
+    from mpkir.semantics import build_env
+
+    try:
+        _cupy()
+    except DeviceError as e:
+        print(f"error: {e}")
+        return 1
+    module, _ = load(args.path)
+    env, _ = build_env(module)
+    ntok = len(args.tokens) if args.tokens else 1
+    mk = Megakernel(module, batch=ntok)
+    mk.init_random(args.seed)
+    vocab = int(env.consts.get("vocab", 1000))
+    rng = np.random.default_rng(args.seed)
+    toks = list(args.tokens) if args.tokens else list(rng.integers(0, vocab, ntok))
+    mk.set_inputs(toks, np.zeros(ntok, np.int32))
+    steps = max(1, args.steps)
+    mk.launch(steps)  # warm-up (first launch loads the module)
+    mk.set_inputs(toks, np.zeros(ntok, np.int32))
+    ms = mk.launch(steps, trace_cap=4096 if args.trace else 0)
+    if not args.quiet:
+        print(
+            f"device: {mk.device_name}, {mk.num_sms} workers, {mk.plan.num_tasks} tasks, "
+            f"{len(mk.plan.ops)} ops; compile {mk.compile_s:.2f} s"
+        )
+        print(f"tokens in: {toks}")
+        print("tokens out (step x batch):")
+        for s, row in enumerate(mk.tokens()):
+            print(f"  step {s + 1}: {row.tolist()}")
+        print(f"{ms:.3f} ms for {steps} steps in one launch: {ms / steps:.3f} ms/step")
+    if args.trace:
+        from mpkir.runtime.trace import write_trace
+
+        n = write_trace(mk, args.trace)
+        if not args.quiet:
+            print(f"trace: {n} task events -> {args.trace}")
+    return 0

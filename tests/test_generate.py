@@ -1,0 +1,200 @@
+"""Real checkpoints end to end through the compiled example .mpk files on the CPU (NumPy interpreter).
+
+Tiny random Qwen3 and Llama checkpoints (safetensors + config.json + tokenizer, and GGUF) are written
+here, loaded into ``examples/qwen3_0_6b.mpk`` / ``examples/llama3_2_1b.mpk`` sized from their config,
+and must generate the tokens of the independent float64 reference (:mod:`mpkir.models.reference`)
+and of the interpreter running each whole sequence at once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+pytest.importorskip("mpkir.interpreter")
+
+from mpkir.models.backends import InterpreterBackend
+from mpkir.models.engine import Engine, EngineConfig, SamplingParams
+from mpkir.models.loader import load_model
+from mpkir.models.reference import ReferenceModel, random_checkpoint
+from mpkir.models.safetensors_loader import save_checkpoint
+from mpkir.models.tokenizer import write_tiny_tokenizer
+
+SERVE = {"max_requests": 4, "max_tokens": 64, "max_seq_len": 128, "page_size": 16}
+N_NEW = 10
+
+
+def _config(kind: str, vocab: int) -> dict:
+    c = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 96,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "max_position_embeddings": 256,
+    }
+    if kind == "qwen3":
+        return {
+            **c,
+            "model_type": "qwen3",
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": True,
+            "head_dim": 32,
+        }
+    return {**c, "model_type": "llama", "rope_theta": 500000.0, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def ckpt(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    tok = write_tiny_tokenizer(d)
+    cfg = _config(request.param, tok.vocab_size)
+    w = random_checkpoint(cfg, seed=11)
+    save_checkpoint(d, w, cfg)
+    ref = ReferenceModel(w, cfg)
+    prompts = [
+        tok.encode(s)
+        for s in (
+            "What is the capital of France?",
+            "the quick brown fox",
+            "def add(a, b): return a + b and more",
+            "Paris",
+        )
+    ]
+    want = [ref.greedy(p, N_NEW) for p in prompts]
+    return {
+        "dir": d,
+        "cfg": cfg,
+        "tok": tok,
+        "ref": ref,
+        "prompts": prompts,
+        "want": want,
+        "kind": request.param,
+    }
+
+
+def _engine(loaded, float_storage="f32", **kw):
+    backend = InterpreterBackend(loaded.module, loaded.analysis, loaded.weights, float_storage=float_storage)
+    return Engine(backend, EngineConfig.from_serve(loaded.serve, **kw))
+
+
+def test_loads_sized_from_config(ckpt):
+    m = load_model(ckpt["dir"], serve=SERVE, weight_dtype="f32")
+    assert m.fmt == "safetensors"
+    assert m.mpk_path.name == ("qwen3_0_6b.mpk" if ckpt["kind"] == "qwen3" else "llama3_2_1b.mpk")
+    consts = m.analysis.env.consts
+    assert consts["hidden"] == 64 and consts["layers"] == 2 and consts["vocab"] == ckpt["cfg"]["vocab_size"]
+    assert m.serve.max_requests == 4 and m.serve.page_size == 16
+    lm = m.module.weight("lm_head").checkpoint
+    assert lm == ("model.embed_tokens.weight" if ckpt["cfg"]["tie_word_embeddings"] else "lm_head.weight")
+
+
+def test_greedy_matches_float64_reference_batched_and_alone(ckpt):
+    m = load_model(ckpt["dir"], serve=SERVE, weight_dtype="f32")
+    e = _engine(m)
+    reqs = e.generate(ckpt["prompts"], N_NEW, SamplingParams(), stop_ids=())
+    assert [r.output for r in reqs] == ckpt["want"]
+    assert e.stats.max_batch == 4
+    for p, want in zip(ckpt["prompts"][:2], ckpt["want"][:2], strict=True):
+        alone = _engine(m).generate([p], N_NEW, stop_ids=())[0]
+        assert alone.output == want
+
+
+def test_bf16_incremental_equals_whole_sequence(ckpt):
+    """bf16 storage: the paged, batched, incremental run equals the interpreter over whole sequences."""
+    m = load_model(ckpt["dir"], serve=SERVE)
+    reqs = _engine(m, float_storage=None).generate(ckpt["prompts"], N_NEW, stop_ids=())
+    for r in reqs:
+        seq = r.prompt + r.output
+        whole = InterpreterBackend(m.module, m.analysis, m.weights)
+        logits = whole.step(
+            np.array(seq, np.int32),
+            np.arange(len(seq), dtype=np.int32),
+            np.zeros(len(seq), np.int32),
+            np.arange(8, dtype=np.int32)[None].repeat(4, 0),
+        )
+        assert [int(x) for x in np.argmax(logits[len(r.prompt) - 1 : -1], axis=-1)] == r.output
+
+
+def test_joining_mid_run_and_speculative(ckpt):
+    m = load_model(ckpt["dir"], serve=SERVE, weight_dtype="f32")
+    e = _engine(m)
+    reqs = []
+    for p in ckpt["prompts"]:
+        reqs.append(e.submit(p, N_NEW, stop_ids=()))
+        e.step()
+    e.run()
+    assert [r.output for r in reqs] == ckpt["want"]
+    base = ckpt["prompts"][1]
+    rep = base + ckpt["ref"].greedy(base, N_NEW) + base  # the continuation recurs: drafts get proposed
+    want = ckpt["ref"].greedy(rep, N_NEW)
+    es = _engine(m, speculative=True, spec_k=3, ngram=2)
+    r = es.generate([rep, ckpt["prompts"][0]], N_NEW, stop_ids=())
+    assert r[0].output == want and r[1].output == ckpt["want"][0]
+    assert es.stats.drafted > 0
+
+
+def test_gguf_checkpoint_generates_the_same(ckpt, tmp_path):
+    pytest.importorskip("gguf")
+    from mpkir.models.gguf_loader import save_gguf, tokenizer_json_to_gguf_data
+    from mpkir.models.tokenizer import CHATML_TEMPLATE
+
+    data = tokenizer_json_to_gguf_data(ckpt["dir"] / "tokenizer.json")
+    data.update(eos_token_id=ckpt["tok"].eos_token_ids[0], chat_template=CHATML_TEMPLATE)
+    w = random_checkpoint(ckpt["cfg"], seed=11)
+    save_gguf(tmp_path / "m.gguf", w, ckpt["cfg"], tokenizer=data)
+    m = load_model(tmp_path / "m.gguf", serve=SERVE, weight_dtype="f32")
+    assert m.fmt == "gguf" and m.tokenizer.encode_chat([{"role": "user", "content": "hi"}]) == ckpt[
+        "tok"
+    ].encode_chat([{"role": "user", "content": "hi"}])
+    reqs = _engine(m).generate(ckpt["prompts"], N_NEW, stop_ids=())
+    assert [r.output for r in reqs] == ckpt["want"]
+
+
+def test_memory_guard(ckpt):
+    from mpkir.diagnostics import MpkError
+
+    with pytest.raises(MpkError, match=r"does not fit.*weights .* \+ KV cache"):
+        load_model(ckpt["dir"], serve=SERVE, memory_bytes=100_000)
+
+
+def test_generate_command_json(ckpt, capsys):
+    from mpkir.cli import main
+
+    d = ckpt["dir"]
+    prompts = d / "prompts.txt"
+    prompts.write_text("What is the capital of France?\nthe quick brown fox\n")
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(d),
+            "--prompts",
+            str(prompts),
+            "--max-tokens",
+            str(N_NEW),
+            "--device",
+            "cpu",
+            "--chat",
+            "off",
+            "--ignore-eos",
+            "--json",
+            "--no-progress",
+            "--max-seq-len",
+            "128",
+        ]
+    )
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    res = json.loads(out.out)
+    assert [r["tokens"] for r in res["results"]] == ckpt["want"][:2]
+    assert res["stats"]["generated_tokens"] == 2 * N_NEW and res["stats"]["tokens_per_s"] > 0
+    assert "tokens/s" in out.err
