@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
@@ -87,7 +86,7 @@ class Neg:
     loc: Span | None = field(default=None, compare=False, repr=False)
 
 
-Expr = Union[Num, Name, BinOp, Neg]
+Expr = Num | Name | BinOp | Neg
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ class ListVal:
     loc: Span | None = field(default=None, compare=False, repr=False)
 
 
-AttrValue = Union[Num, Name, BinOp, Neg, Str, Bool, ListVal]
+AttrValue = Num | Name | BinOp | Neg | Str | Bool | ListVal
 
 # --------------------------------------------------------------------------- types
 
@@ -128,7 +127,7 @@ class TypeExpr:
     loc: Span | None = field(default=None, compare=False, repr=False)
 
 
-Dim = Union[int, str]
+Dim = int | str
 """A resolved dimension: a number, or the name of a symbolic dim (``"B"``)."""
 
 
@@ -167,7 +166,7 @@ class GlobalRef:
     loc: Span | None = field(default=None, compare=False, repr=False)
 
 
-Operand = Union[ValueRef, GlobalRef]
+Operand = ValueRef | GlobalRef
 
 
 @dataclass(frozen=True)
@@ -243,7 +242,7 @@ class ReturnStmt:
     loc: Span | None = field(default=None, compare=False, repr=False)
 
 
-Stmt = Union[OpStmt, ForStmt, YieldStmt, ReturnStmt]
+Stmt = OpStmt | ForStmt | YieldStmt | ReturnStmt
 
 # --------------------------------------------------------------------------- declarations
 
@@ -338,7 +337,7 @@ class GraphDecl:
     loc: Span | None = field(default=None, compare=False, repr=False)
 
 
-Decl = Union[ModelDecl, ConstDecl, DimDecl, ServeDecl, WeightDecl, StateDecl, GraphDecl]
+Decl = ModelDecl | ConstDecl | DimDecl | ServeDecl | WeightDecl | StateDecl | GraphDecl
 
 
 @dataclass(frozen=True)
