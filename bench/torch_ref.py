@@ -12,8 +12,12 @@ def _t(cpa):
 
 
 class TorchRef:
-    def __init__(self, mk, env, mode="bf16"):
-        self.mk, self.mode = mk, mode
+    def __init__(self, mk, env, mode="bf16", f32_logits=False, acc64=False):
+        """``acc64``: matmuls accumulate in float64 (another summation order: how far two correct
+        implementations of the same rounding points drift apart)."""
+        self.mk, self.mode, self.f32_logits, self.acc64 = mk, mode, f32_logits, acc64
+        self.layer_x: list = []  # the residual stream after each layer, first step
+        self.trace0: dict = {}  # layer 0's values at the first step, by the kernel's buffer names
         c = env.consts
         self.L, self.H = int(c["layers"]), int(c["hidden"])
         self.nh, self.nkv, self.hd = int(c["heads"]), int(c["kv_heads"]), int(c["head_dim"])
@@ -27,19 +31,27 @@ class TorchRef:
     def r(self, x):
         return x.to(torch.bfloat16).float() if self.mode == "bf16" else x
 
+    def mm(self, a, w):
+        return (a.double() @ w.double().T).float() if self.acc64 else a @ w.T
+
     def rms(self, x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
 
     def rope(self, x, pos):
+        """The IR's rope (mpkir.ops.attention.rope_tables): inv_freq = f32(theta^(-2i/D)), angle =
+        f32(pos) * inv_freq in float32, cos/sin and the rotation in float64, one float32 rounding."""
         D = self.hd
         i = torch.arange(D // 2, device=x.device, dtype=torch.float64)
-        ang = pos.double()[:, None] * self.theta ** (-2.0 * i / D)
-        c, s = ang.cos().float()[:, None, :], ang.sin().float()[:, None, :]
-        x1, x2 = x[..., : D // 2], x[..., D // 2 :]
-        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+        inv = (1.0 / self.theta ** (2.0 * i / D)).float()
+        ang = (pos.float()[:, None] * inv[None, :]).double()
+        c, s = ang.cos()[:, None, :], ang.sin()[:, None, :]
+        xd = x.double()
+        x1, x2 = xd[..., : D // 2], xd[..., D // 2 :]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).float()
 
     @torch.no_grad()
-    def generate(self, tokens, pos0, steps):
+    def generate(self, tokens, pos0, steps, force=None):
+        """Greedy ``steps`` steps (``force[s]``: the tokens fed after step s instead of the argmax)."""
         mk, B = self.mk, len(tokens)
         pg = mk.plan.buffers["s:k_cache[0]"].shape[1]
         pps = mk.bufs[mk.plan.inputs["page_table"]].shape[1]
@@ -58,9 +70,10 @@ class TorchRef:
             for layer in range(self.L):
                 p = f"model.layers.{layer}."
                 xn = self.r(self.rms(x, self.w(p + "input_layernorm.weight")))
-                q = self.r(xn @ self.w(p + "self_attn.q_proj.weight").T).view(B, self.nh, self.hd)
-                k = self.r(xn @ self.w(p + "self_attn.k_proj.weight").T).view(B, self.nkv, self.hd)
-                v = self.r(xn @ self.w(p + "self_attn.v_proj.weight").T).view(B, self.nkv, self.hd)
+                q = self.r(self.mm(xn, self.w(p + "self_attn.q_proj.weight"))).view(B, self.nh, self.hd)
+                k = self.r(self.mm(xn, self.w(p + "self_attn.k_proj.weight"))).view(B, self.nkv, self.hd)
+                v = self.r(self.mm(xn, self.w(p + "self_attn.v_proj.weight"))).view(B, self.nkv, self.hd)
+                q0, k0 = q.reshape(B, -1), k.reshape(B, -1)
                 if self.qk:
                     q = self.r(self.rms(q, self.w(p + "self_attn.q_norm.weight")))
                     k = self.r(self.rms(k, self.w(p + "self_attn.k_norm.weight")))
@@ -74,15 +87,23 @@ class TorchRef:
                 Vx = V.repeat_interleave(g, dim=2)
                 sc = torch.einsum("bhd,bthd->bht", q, Kx) / self.hd**0.5
                 a = self.r(torch.einsum("bht,bthd->bhd", sc.softmax(-1), Vx)).reshape(B, -1)
-                x = self.r(x + self.r(a @ self.w(p + "self_attn.o_proj.weight").T))
+                x = self.r(x + self.r(self.mm(a, self.w(p + "self_attn.o_proj.weight"))))
+                h0 = x
                 hn = self.r(self.rms(x, self.w(p + "post_attention_layernorm.weight")))
-                gt = self.r(hn @ self.w(p + "mlp.gate_proj.weight").T)
-                up = self.r(hn @ self.w(p + "mlp.up_proj.weight").T)
+                gt = self.r(self.mm(hn, self.w(p + "mlp.gate_proj.weight")))
+                up = self.r(self.mm(hn, self.w(p + "mlp.up_proj.weight")))
                 act = self.r(torch.nn.functional.silu(gt) * up)
-                x = self.r(x + self.r(act @ self.w(p + "mlp.down_proj.weight").T))
+                x = self.r(x + self.r(self.mm(act, self.w(p + "mlp.down_proj.weight"))))
+                if st == 0:
+                    self.layer_x.append(x)
+                    if layer == 0:
+                        self.trace0.update({"q.0": q0, "k.0": k0, "v.0": v.reshape(B, -1), "q_rot.0": q,
+                                            "k_rot.0": k, "attn.0": a, "h_attn.0": h0, "gate.0": gt,
+                                            "up.0": up, "x_out.0": x})
             xf = self.r(self.rms(x, self.w("model.norm.weight")))
-            logits = self.r(xf @ _t(mk.bufs[self.lm]).view(torch.bfloat16).float().T)
-            tok = logits.argmax(-1)
+            logits = self.mm(xf, _t(mk.bufs[self.lm]).view(torch.bfloat16).float())
+            logits = logits if self.f32_logits else self.r(logits)
+            tok = logits.argmax(-1) if force is None else torch.as_tensor(force[st], device="cuda").long()
             out.append(tok.cpu().numpy())
             logits_all.append(logits)
         return out, logits_all

@@ -6,7 +6,11 @@ resolves pointers, and :mod:`mpkir.codegen.emit` writes the CUDA source for the 
 Fusions (pattern based, each keeps the reference rounding points):
   rmsnorm -> linear (rmsnorm in the linear's prologue), silu_mul -> linear (prologue),
   linear -> add (residual epilogue), head_rmsnorm -> rope (one task), linear -> argmax (stage 1 in the
-  linear's epilogue, stage 2 a task per token), reshape (alias).
+  linear's epilogue, stage 2 a task per token), reshape (alias), cast bf16 -> f32 -> linear (the linear
+  writes unrounded float32, e.g. f32 logits), and the k/v cache append of a paged_attention in the task
+  that computes its k (rope), so every token's k/v is in the cache before any attention of the step reads it.
+A graph may end in argmax / greedy sample of a linear (tokens) or return a linear's output (the engine's
+logits variant). Rope frequencies (llama3 scaling included) are a float32 table computed on the host.
 Events: one per fused op, fired by each of its tasks; a consumer waits for ``tasks(op) * step``.
 """
 
@@ -28,6 +32,29 @@ SMEM_LIMIT = 227 * 1024 - 1024
 LINEAR_TILE_BYTES = 1024 * 1024  # measured: larger tiles win (per-task overhead), see bench/RESULTS.md
 
 
+ROPE_ATTRS = ("theta", "style", "rotary_dim")
+ROPE_SCALING_ATTRS = ("scaling", "factor", "low_freq_factor", "high_freq_factor", "original_max_position")
+
+
+def rope_inv_freq_f32(rd: int, theta: float, scaling: dict):
+    """The rope op's inverse frequencies, float32 [rd/2] (float64 formula, rounded once), scaling included."""
+    import numpy as np
+
+    try:
+        from mpkir.ops.attention import rope_inv_freq
+    except ImportError:  # an operator set without rope scaling
+        if scaling.get("scaling", "none") not in ("none", None):
+            raise
+        i = np.arange(rd // 2, dtype=np.float64)
+        return (1.0 / theta ** (2.0 * i / rd)).astype(np.float32)
+    return np.asarray(rope_inv_freq(rd, theta, **scaling), np.float64).astype(np.float32)
+
+
+def _neutral(v) -> bool:
+    """An attribute value that asks for nothing (so an unknown attribute carrying it can be ignored)."""
+    return v is None or (isinstance(v, str) and v.lower() in ("none", "default", ""))
+
+
 def fbits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", float(x)))[0]
 
@@ -35,10 +62,11 @@ def fbits(x: float) -> int:
 @dataclass
 class Buffer:
     name: str
-    kind: str  # weight | state | act | input | scratch | output
+    kind: str  # weight | state | act | input | scratch | output | const
     shape: tuple[int, ...]
     dtype: str  # bf16 | f32 | i32
     checkpoint: str | None = None  # weights: checkpoint tensor name (tied weights share one buffer)
+    data: object = None  # const: the values (a NumPy array the host uploads once)
 
     @property
     def itemsize(self) -> int:
@@ -205,6 +233,8 @@ class _Lowerer:
             return ir.TensorType(x.dtype, (*x.shape[:-1], w.shape[0]))
         if s.op == "reshape":
             return ir.TensorType(x.dtype, tuple(self.attrs(s)["shape"]))
+        if s.op == "cast":
+            return ir.TensorType(ir.DType(str(self.attrs(s)["dtype"])), x.shape)
         if s.op in ("argmax", "sample"):
             return ir.TensorType(ir.DType.i32, x.shape[:-1])
         if s.op == "silu_mul" and len(s.operands) == 1:
@@ -243,6 +273,7 @@ class _Lowerer:
             self.add_buffer("in:positions0", "input", self.buffers["in:positions"].shape, "i32")
         self.add_buffer("hist", "output", (1, self.maxB), "i32")  # resized by the host (steps)
         self.fused: set[int] = set()
+        self.appended: set[int] = set()  # paged_attention statements whose k/v a rope task appends
         self.embed_op = None
         self.final_op = None
         self.logits = None
@@ -253,9 +284,17 @@ class _Lowerer:
             if id(s) in self.fused:
                 continue
             getattr(self, "op_" + s.op, self.unsupported)(s)
-        if self.final_op is None:
-            raise _err("the graph must end in argmax (or greedy sample) of a linear for the GPU backend")
         out = self.values[ret.values[0].name][0]
+        if self.final_op is None:
+            # a graph that returns the logits (the engine's variant): the producing linear ends the step
+            prod = self.producer.get(out)
+            if prod is None or self.ops[prod].kind != "linear" or len(ret.values) != 1:
+                raise _err(
+                    "the graph must end in argmax (or greedy sample) of a linear, or return the output of "
+                    "a linear (logits), for the GPU backend",
+                    ret,
+                )
+            self.final_op, self.logits = prod, out
         # the next step's embedding waits for this step's tokens (WAR safety: every op is its ancestor)
         if self.embed_op is not None:
             self.ops[self.embed_op].deps.append((self.final_op, 1))
@@ -300,16 +339,37 @@ class _Lowerer:
             )
         self.embed_op = self.add_op(s.results[0], "embedding", tasks, [tok], [out, "in:positions"])
 
+    def _linear_x_only(self, ssa: str) -> bool:
+        """Every use of ``ssa`` is the x of a bias-free linear, possibly through a cast to f32."""
+        users = self.uses.get(ssa, [])
+        return bool(users) and all(
+            isinstance(u, ir.OpStmt)
+            and (
+                (u.op == "linear" and u.operands[0] == ir.ValueRef(ssa) and len(u.operands) == 2)
+                or (self._is_f32_cast(u) and self._linear_x_only(u.results[0]))
+            )
+            for u in users
+        )
+
+    def _is_f32_cast(self, s) -> bool:
+        return s.op == "cast" and str(self.attrs(s).get("dtype")) == "f32"
+
+    def op_cast(self, s):
+        # bf16 -> f32 feeding linears only: the linear reads the bf16 values (exact) and writes f32
+        src = s.operands[0]
+        if (
+            isinstance(src, ir.ValueRef)
+            and self._is_f32_cast(s)
+            and self.values[src.name][2] == "bf16"
+            and self._linear_x_only(s.results[0])
+        ):
+            self.values[s.results[0]] = self.values[src.name]
+            return
+        raise _err("cast is supported on the GPU only from bf16 to f32 in front of a linear", s)
+
     def op_rmsnorm(self, s):
         # fused into each consuming linear's prologue when every consumer is a linear reading it as x
-        users = self.uses.get(s.results[0], [])
-        if users and all(
-            isinstance(u, ir.OpStmt)
-            and u.op == "linear"
-            and u.operands[0] == ir.ValueRef(s.results[0])
-            and len(u.operands) == 2
-            for u in users
-        ):
+        if self._linear_x_only(s.results[0]):
             x = self.values[s.operands[0].name]
             self.values[s.results[0]] = ("rms", (s.operands[0].name, s.operands[1], self.eps(s)), x[2])
             return
@@ -409,7 +469,13 @@ class _Lowerer:
         if user is not None and (user.op == "argmax" or (user.op == "sample" and self._greedy_sample(user))):
             epi |= 2
             argmax_stmt = user
+        f32_out = self.types[s.results[0]].dtype == ir.DType.f32
+        if f32_out and epi & 1:
+            raise _err("a float32 linear with a fused residual add is not supported on the GPU", s)
+        if f32_out:
+            a[25] = 1  # float32 output (no bf16 rounding), e.g. the logits
         out = self.new_act(res_name, self.types[res_name])
+        osz = 4 if f32_out else 2
         if res_name != s.results[0]:
             self.values[s.results[0]] = self.values[res_name]
         R = self.rows_per_task(N, K)
@@ -419,11 +485,15 @@ class _Lowerer:
             part = self.add_buffer(f"argpart:{s.results[0]}", "scratch", (ntile, self.maxB, 2), "f32")
         mode_mma = os.environ.get("MPKIR_MMA", "auto")
         mma = K % 32 == 0 and (mode_mma == "1" or (mode_mma == "auto" and self.B > 2))
-        smem = (
-            TILE_B * (K + 32) * 2 + NWARP * 128 * 4 + NWARP * TILE_B * 4
-            if mma
-            else TILE_B * K * 2 + 2 * NWARP * TILE_B * 4
-        )
+
+        def mma_smem(ng: int) -> int:  # x of 8*ng tokens, split-K partials, rmsnorm reduction
+            return TILE_B * ng * (K + 32) * 2 + ng * NWARP * 128 * 4 + NWARP * TILE_B * 4
+
+        # token groups of 8 sharing each weight load: enough for the batch when shared memory allows
+        groups = -(-self.B // TILE_B)
+        fits = [ng for ng in (1, 2, 4) if mma_smem(ng) <= SMEM_LIMIT]
+        ng = next((n for n in fits if n >= groups), fits[-1])
+        smem = mma_smem(ng) if mma else TILE_B * K * 2 + 2 * NWARP * TILE_B * 4
         self.smem = max(getattr(self, "smem", 0), smem)
         if smem > SMEM_LIMIT:
             raise _err(f"linear K={K} needs {smem} B of shared memory (limit {SMEM_LIMIT})", s)
@@ -433,7 +503,7 @@ class _Lowerer:
             r = min(R, N - n0)
             tp = dict(p)
             tp[1] = (W, n0 * K * 2)
-            tp[2] = (out, n0 * 2)
+            tp[2] = (out, n0 * osz)
             if resid:
                 tp[3] = (resid, n0 * 2)
             if part:
@@ -442,7 +512,7 @@ class _Lowerer:
             ta.update({17: r, 18: N, 22: epi, 23: n0})
             if mma:
                 u = next(u for u in (4, 2, 1) if K % (32 * u) == 0)
-                variant = f"mk_linear_mma<{u}>"
+                variant = f"mk_linear_mma<{u},{ng}>"
             else:
                 u = max(1, min(8, math.ceil(K / 8 / max(1, NWARP // max(r, 1)) / 32)))
                 u = 1 << (u - 1).bit_length()
@@ -495,6 +565,25 @@ class _Lowerer:
     def op_rope(self, s):
         self._norm_rope(None, s)
 
+    def _attention_of_k(self, ssa: str):
+        """The paged_attention statement that takes ``ssa`` as its k operand (its only use), or None."""
+        u = self.single_use(ssa)
+        if u is None or u.op != "paged_attention" or u.operands[1] != ir.ValueRef(ssa):
+            return None
+        ready = all(not isinstance(o, ir.ValueRef) or o.name in self.values for o in u.operands[2:8])
+        return u if ready else None
+
+    def _kv_append_params(self, att, p, a, reads, writes):
+        """Cache-append parameters of a task that writes token b's k (its output) and v into the caches."""
+        v, kc, vc, pt = (self.val(o) for o in att.operands[2:6])
+        sid = self.val(att.operands[7])
+        _P, PG, _Hkv, _D = self.buffers[kc].shape
+        p.update({4: (v, 0), 5: (kc, 0), 6: (vc, 0), 7: (pt, 0), 8: (sid, 0)})
+        a.update({23: PG, 24: self.buffers[pt].shape[1]})
+        reads += [v, pt, sid]
+        writes += [kc, vc]
+        self.appended.add(id(att))
+
     def _norm_rope(self, norm, rope):
         first = norm or rope
         last = rope or norm
@@ -504,6 +593,11 @@ class _Lowerer:
         p = {0: (x, 0), 2: (out, 0), 3: ("in:positions", 0)}
         a = {16: H, 17: D, 20: 0, 22: D}
         reads = [x, "in:positions"]
+        writes = [out]
+        att = self._attention_of_k(last.results[0])
+        if att is not None:  # k of an attention: append k and v to the caches here (before any reader)
+            self._kv_append_params(att, p, a, reads, writes)
+            a[20] |= 4
         if norm is not None:
             p[1] = (self.val(norm.operands[1]), 0)
             a[18] = fbits(self.eps(norm))
@@ -512,10 +606,33 @@ class _Lowerer:
             ra = self.attrs(rope)
             if str(ra.get("style", "neox")) != "neox":
                 raise _err("only neox-style rope is supported on GPU", rope)
-            a[19] = fbits(float(ra.get("theta", 10000.0)))
+            extra = sorted(
+                k for k, v in ra.items() if k not in ROPE_ATTRS + ROPE_SCALING_ATTRS and not _neutral(v)
+            )
+            kind = str(ra.get("scaling", "none"))
+            if extra or kind not in ("none", "llama3"):
+                what = ", ".join(extra) if extra else f"scaling={kind}"
+                raise _err(
+                    f"rope attribute(s) {what} not supported by the GPU backend; it implements theta, "
+                    "style=neox, rotary_dim and scaling=llama3 (factor, low/high_freq_factor, "
+                    "original_max_position)",
+                    rope,
+                )
+            theta = float(ra.get("theta", 10000.0))
+            a[19] = fbits(theta)
             rd = int(ra.get("rotary_dim", 0) or D)
             a[22] = rd
             a[20] |= 2
+            scaling = {k: ra[k] for k in ROPE_SCALING_ATTRS if k in ra}
+            try:
+                inv = rope_inv_freq_f32(rd, theta, scaling)
+            except (ValueError, TypeError, ImportError) as e:
+                raise _err(f"rope scaling: {e}", rope) from None
+            sc = ",".join(f"{k}={v!r}" for k, v in sorted(scaling.items()))
+            key = f"const:rope_inv:{theta!r},{rd},{sc}"
+            if key not in self.buffers:
+                self.buffers[key] = Buffer(key, "const", (rd // 2,), "f32", data=inv)
+            p[9] = (key, 0)
         if D % 32 and D not in (64, 128):
             raise _err(f"head dim {D} not supported", first)
         tasks = []
@@ -524,9 +641,11 @@ class _Lowerer:
             ta[21] = b
             tasks.append(Task(f"mk_head_norm_rope<{D}>", dict(p), ta, cost=H * D * 4))
         self.smem = max(getattr(self, "smem", 0), NWARP * D * 4)
-        self.add_op(last.results[0], "norm_rope", tasks, reads, [out])
+        self.add_op(last.results[0], "norm_rope", tasks, reads, writes)
 
     def op_paged_attention(self, s):
+        if id(s) not in self.appended:  # k not from a rope task: a k/v append op of its own first
+            self._kv_append_op(s)
         q, k, v, kc, vc, pt, pos, sid = (self.val(o) for o in s.operands[:8])
         _, Hq, D = self.vshape(s.operands[0])
         Hkv = self.vshape(s.operands[1])[1]
@@ -563,7 +682,7 @@ class _Lowerer:
                         Task(
                             f"mk_attention<{D},{G}>",
                             p,
-                            {16: b, 17: h, 18: sp, 19: S, 20: Hkv, 21: PG, 22: PPS, 23: fbits(scale)},
+                            {16: b, 17: h, 18: sp, 19: S, 20: Hkv, 21: PG, 22: PPS, 23: fbits(scale), 24: 0},
                         )
                     )
         NP = NWARP * (32 // (D // 8))
@@ -573,7 +692,7 @@ class _Lowerer:
             "attention",
             tasks,
             [q, k, v, pt, pos, sid, kc, vc],
-            [part or out, kc, vc],
+            [part or out],
             jit=True,
         )
         if part:
@@ -587,6 +706,22 @@ class _Lowerer:
                 for h in range(Hkv)
             ]
             self.add_op(s.results[0], "attention_merge", mt, [part], [out])
+
+    def _kv_append_op(self, s):
+        """Write every live token's k and v into the caches (all before the attention of the step reads
+        them: tokens of one request in one step — a prefill chunk — see each other's keys)."""
+        k = self.val(s.operands[1])
+        _Bm, Hkv, D = self.vshape(s.operands[1])
+        p = {0: (k, 0), 3: (self.val(s.operands[6]), 0)}
+        a = {16: Hkv, 17: D}
+        reads, writes = [k, p[3][0]], []
+        self._kv_append_params(s, p, a, reads, writes)
+        tasks = []
+        for b in range(self.B):
+            ta = dict(a)
+            ta[21] = b
+            tasks.append(Task("mk_kv_append", dict(p), ta, cost=Hkv * D * 4))
+        self.add_op(s.results[0] + ".kv_append", "kv_append", tasks, reads, writes)
 
     # ---------------------------------------------------------------- placement
     def finish(self, out: str) -> Plan:

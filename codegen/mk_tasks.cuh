@@ -124,6 +124,17 @@ __device__ __forceinline__ void mk_stage_x(const MkTask& t, int b0, int nb, __nv
   }
 }
 
+// Output element o of a linear tile (a25: float32 output, unrounded; else bf16 with the residual epilogue).
+__device__ __forceinline__ void mk_store_out(const MkTask& t, size_t o, float acc) {
+  if (t.a[25]) { ((float*)t.p[2])[o] = acc; return; }
+  float v = mk_bf16_round(acc);
+  if (t.a[22] & 1) v = mk_ld_bf16((const __nv_bfloat16*)t.p[3] + o) + v;
+  ((__nv_bfloat16*)t.p[2])[o] = __float2bfloat16_rn(v);
+}
+__device__ __forceinline__ float mk_load_out(const MkTask& t, size_t o) {
+  return t.a[25] ? __ldcg((const float*)t.p[2] + o) : mk_ld_bf16((const __nv_bfloat16*)t.p[2] + o);
+}
+
 template <int U>
 __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
   const int K = t.a[16], R = t.a[17], NS = t.a[18], epi = t.a[22];
@@ -137,7 +148,6 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
   const int cps = (nchunk + KS - 1) / KS;
   const int c0 = kseg * cps, c1 = min(nchunk, c0 + cps);
   const __nv_bfloat16* W = (const __nv_bfloat16*)t.p[1];
-  __nv_bfloat16* out = (__nv_bfloat16*)t.p[2];
   // issue the first row pass of weight loads before the dependency wait (weights never depend on it)
   uint4 wpre[U];
   {
@@ -198,10 +208,7 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
           float v = acc[0];
 #pragma unroll
           for (int b = 1; b < MK_TILE_B; ++b) if (lane == b) v = acc[b];
-          v = mk_bf16_round(v);
-          const size_t o = (size_t)(b0 + lane) * NS + r;
-          if (epi & 1) v = mk_ld_bf16((const __nv_bfloat16*)t.p[3] + o) + v;
-          out[o] = __float2bfloat16_rn(v);
+          mk_store_out(t, (size_t)(b0 + lane) * NS + r, v);
         }
       } else if (lane == 0) {
 #pragma unroll
@@ -214,10 +221,7 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
         const int r = i / nb, b = i % nb;
         float v = 0.f;
         for (int k = 0; k < KS; ++k) v += part[(r * KS + k) * MK_TILE_B + b];
-        v = mk_bf16_round(v);
-        const size_t o = (size_t)(b0 + b) * NS + r;
-        if (epi & 1) v = mk_ld_bf16((const __nv_bfloat16*)t.p[3] + o) + v;
-        out[o] = __float2bfloat16_rn(v);
+        mk_store_out(t, (size_t)(b0 + b) * NS + r, v);
       }
       __syncthreads();
     }
@@ -226,7 +230,7 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
         float best = MK_NEG_INF;
         int bi = 0x7fffffff;
         for (int r = lane; r < R; r += 32) {
-          float v = mk_ld_bf16(out + (size_t)(b0 + b) * NS + r);
+          float v = mk_load_out(t, (size_t)(b0 + b) * NS + r);
           if (v > best || (v == best && r < bi)) { best = v; bi = r; }
         }
 #pragma unroll
@@ -279,9 +283,40 @@ __device__ void mk_argmax_final(const MkTask& t, int it, int B, char* smem) {
   }
 }
 
+// ---------------------------------------------------------------- k/v cache append
+// Where token b's k row (all Hkv heads, D each) and v row go in the paged caches [P, page, Hkv, D]:
+// p3 positions [B], p7 page table [R, pps], p8 seq ids [B]; a23 page size, a24 pps. -1: padding (no write).
+__device__ __forceinline__ long long mk_kv_slot(const MkTask& t, int b, int HD) {
+  const int seq = mk_ld_i32((const int*)t.p[8] + b);
+  if (seq < 0) return -1;
+  const int pos = mk_ld_i32((const int*)t.p[3] + b), PG = t.a[23];
+  const int page = mk_ld_i32((const int*)t.p[7] + (size_t)seq * t.a[24] + pos / PG);
+  return ((long long)page * PG + pos % PG) * HD;
+}
+// standalone append (when k comes from no rope task): p0 k [B,Hkv,D], p4 v [B,Hkv,D], p5 k cache, p6 v cache;
+// a16 Hkv, a17 D, a21 b
+__device__ void mk_kv_append(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  const int b = t.a[21];
+  if (b >= B) return;
+  const int HD = t.a[16] * t.a[17];
+  const long long o = mk_kv_slot(t, b, HD);
+  if (o < 0) return;
+  const __nv_bfloat16* k = (const __nv_bfloat16*)t.p[0] + (size_t)b * HD;
+  const __nv_bfloat16* v = (const __nv_bfloat16*)t.p[4] + (size_t)b * HD;
+  for (int i = threadIdx.x; i < HD; i += MK_NT) {
+    ((__nv_bfloat16*)t.p[5])[o + i] = __float2bfloat16_rn(mk_ld_bf16(k + i));
+    ((__nv_bfloat16*)t.p[6])[o + i] = __float2bfloat16_rn(mk_ld_bf16(v + i));
+  }
+}
+
 // ---------------------------------------------------------------- per-head rmsnorm and/or rope (neox)
 // one token, all heads of one tensor. p0 x [B,H,D], p1 norm weight [D] (flag 1), p2 out [B,H,D],
-// p3 positions [B]; a16 H, a17 D, a18 eps bits, a19 theta bits, a20 flags (1 norm, 2 rope), a21 b, a22 rotary dim
+// p3 positions [B], p9 inverse frequencies f32 [rd/2] (0: computed from theta); a16 H, a17 D, a18 eps bits,
+// a19 theta bits, a20 flags (1 norm, 2 rope, 4 append the result as k and p4's row as v to the caches, see
+// mk_kv_slot), a21 b, a22 rotary dim.
+// Rope angles as the IR defines them (and HuggingFace computes them): inv_freq = f32(theta^(-2i/rd)), with
+// any llama3 scaling applied (the host's table), angle = f32(pos) * inv_freq in f32, cos/sin of that angle.
 template <int D>
 __device__ void mk_head_norm_rope(const MkTask& t, int it, int B, char* smem) {
   if (!mk_block_wait(t)) return;
@@ -293,6 +328,7 @@ __device__ void mk_head_norm_rope(const MkTask& t, int it, int B, char* smem) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* buf = (float*)smem + warp * D;
   const int pos = mk_ld_i32((const int*)t.p[3] + b);
+  const long long kvo = (flags & 4) ? mk_kv_slot(t, b, H * D) : -1;
   for (int h = warp; h < H; h += MK_NWARP) {
     const __nv_bfloat16* x = (const __nv_bfloat16*)t.p[0] + ((size_t)b * H + h) * D;
     float s = 0.f;
@@ -308,17 +344,24 @@ __device__ void mk_head_norm_rope(const MkTask& t, int it, int B, char* smem) {
     if (flags & 2) {
       const int half = RD / 2;
       for (int i = lane; i < half; i += 32) {
-        const double inv = pow(theta, -2.0 * i / RD);
+        const float inv = t.p[9] ? __ldg((const float*)t.p[9] + i) : (float)(1.0 / pow(theta, 2.0 * i / RD));
+        const float ang = __fmul_rn((float)pos, inv);
         double sn, cs;
-        sincos((double)pos * inv, &sn, &cs);
-        const float c = (float)cs, sf = (float)sn;
-        const float a0 = buf[i], a1 = buf[i + half];
-        o[i] = __float2bfloat16_rn(a0 * c - a1 * sf);
-        o[i + half] = __float2bfloat16_rn(a1 * c + a0 * sf);
+        sincos((double)ang, &sn, &cs);
+        const double a0 = buf[i], a1 = buf[i + half];  // float64 like the reference, one f32 rounding
+        buf[i] = (float)(a0 * cs - a1 * sn);
+        buf[i + half] = (float)(a1 * cs + a0 * sn);
       }
-      for (int i = RD + lane; i < D; i += 32) o[i] = __float2bfloat16_rn(buf[i]);
-    } else {
-      for (int i = lane; i < D; i += 32) o[i] = __float2bfloat16_rn(buf[i]);
+      __syncwarp();
+    }
+    for (int i = lane; i < D; i += 32) {
+      const __nv_bfloat16 r = __float2bfloat16_rn(buf[i]);
+      o[i] = r;
+      if (kvo >= 0) {
+        ((__nv_bfloat16*)t.p[5])[kvo + h * D + i] = r;
+        ((__nv_bfloat16*)t.p[6])[kvo + h * D + i] =
+            __float2bfloat16_rn(mk_ld_bf16((const __nv_bfloat16*)t.p[4] + ((size_t)b * H + h) * D + i));
+      }
     }
     __syncwarp();
   }
@@ -347,7 +390,7 @@ __device__ void mk_attention(const MkTask& t, int it, int B, char* smem) {
   __nv_bfloat16* kc = (__nv_bfloat16*)t.p[3];
   __nv_bfloat16* vc = (__nv_bfloat16*)t.p[4];
   const int* ptab = (const int*)t.p[5];
-  if (s == 0 && seq >= 0) {  // append this token's k, v to the cache (other splits read k/v directly)
+  if (t.a[24] && s == 0 && seq >= 0) {  // append k, v here (a24; normally a rope or append task did)
     const int page = mk_ld_i32(ptab + (size_t)seq * PPS + pos / PG);
     const size_t o = (((size_t)page * PG + pos % PG) * Hkv + kvh) * D;
     for (int i = threadIdx.x; i < D; i += MK_NT) {
@@ -483,18 +526,20 @@ __device__ __forceinline__ void mk_mma_bf16(float* c, unsigned a0, unsigned a1, 
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int U>
+template <int U, int NG>
 __device__ void mk_linear_mma(const MkTask& t, int it, int B, char* smem) {
   if (!mk_block_wait(t)) return;
   // Each warp owns 16-row blocks of W (the mma's M) and a K range; tokens are the mma's N (8 columns).
   // Per 32*U-wide K block, thread (g = lane/4, tq = lane%4) streams 16*U contiguous bytes of rows g and g+8
   // and reads token g's x at the same K offsets from shared memory (K is permuted identically for W and x,
   // so the dot products are unchanged). Two accumulator sets keep two independent mma chains in flight.
+  // NG groups of 8 tokens share each weight load (a pass covers 8*NG tokens: W is read ceil(B/(8 NG)) times).
   const int K = t.a[16], R = t.a[17], NS = t.a[18], epi = t.a[22];
+  constexpr int TB = MK_TILE_B * NG;
   const int XST = K + 32;                                             // padded rows: no bank conflicts
-  __nv_bfloat16* xs = (__nv_bfloat16*)smem;                           // [MK_TILE_B][XST]
-  float* part = (float*)(smem + (size_t)MK_TILE_B * XST * 2);        // [MK_NWARP][16 rows][8 tokens]
-  float* red = part + MK_NWARP * 128;                                 // [MK_NWARP][MK_TILE_B]
+  __nv_bfloat16* xs = (__nv_bfloat16*)smem;                           // [TB][XST]
+  float* part = (float*)(smem + (size_t)TB * XST * 2);               // [NG][MK_NWARP][16 rows][8 tokens]
+  float* red = part + NG * MK_NWARP * 128;                            // [MK_NWARP][MK_TILE_B]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int nrb = (R + 15) / 16, nkb = K / (32 * U);
   const int KS = nrb >= MK_NWARP ? 1 : MK_NWARP / nrb;
@@ -502,18 +547,25 @@ __device__ void mk_linear_mma(const MkTask& t, int it, int B, char* smem) {
   const int kps = (nkb + KS - 1) / KS;
   const int kb0 = kseg * kps, kb1 = min(nkb, kb0 + kps);
   const __nv_bfloat16* W = (const __nv_bfloat16*)t.p[1];
-  __nv_bfloat16* out = (__nv_bfloat16*)t.p[2];
-  for (int b0 = 0; b0 < B; b0 += MK_TILE_B) {
-    const int nb = min(MK_TILE_B, B - b0);
-    mk_stage_x(t, b0, nb, xs, XST, red);
-    __syncthreads();
+  for (int b0 = 0; b0 < B; b0 += TB) {
+    const int nbt = min(TB, B - b0);
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      const int nb = min(MK_TILE_B, nbt - gi * MK_TILE_B);
+      if (nb > 0) mk_stage_x(t, b0 + gi * MK_TILE_B, nb, xs + (size_t)gi * MK_TILE_B * XST, XST, red);
+      __syncthreads();
+    }
     for (int rb = rb0; rb < nrb; rb += rbstep) {
       const int r0 = rb * 16 + g, r1 = r0 + 8;
       const bool ok0 = r0 < R, ok1 = r1 < R;
       const __nv_bfloat16* w0 = W + (size_t)r0 * K + tq * 8 * U;
       const __nv_bfloat16* w1 = W + (size_t)r1 * K + tq * 8 * U;
       const __nv_bfloat16* xr = xs + (size_t)g * XST + tq * 8 * U;
-      float c[4] = {0.f, 0.f, 0.f, 0.f}, d[4] = {0.f, 0.f, 0.f, 0.f};
+      float c[NG][4], d[NG][4];
+#pragma unroll
+      for (int gi = 0; gi < NG; ++gi)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) c[gi][q] = d[gi][q] = 0.f;
       for (int kb = kb0; kb < kb1; ++kb) {
         uint4 wa[U], wb[U];
 #pragma unroll
@@ -522,51 +574,52 @@ __device__ void mk_linear_mma(const MkTask& t, int it, int B, char* smem) {
           wb[u] = ok1 ? mk_ld_weight(w1 + kb * 32 * U + 8 * u) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const uint4 xv = *(const uint4*)(xr + kb * 32 * U + 8 * u);
-          mk_mma_bf16(c, wa[u].x, wb[u].x, wa[u].y, wb[u].y, xv.x, xv.y);
-          mk_mma_bf16(d, wa[u].z, wb[u].z, wa[u].w, wb[u].w, xv.z, xv.w);
-        }
-      }
+        for (int gi = 0; gi < NG; ++gi) {
+          if (gi * MK_TILE_B >= nbt) break;  // block-uniform: empty token groups of the last pass
 #pragma unroll
-      for (int q = 0; q < 4; ++q) c[q] += d[q];
-      // c[0], c[1]: row g, tokens 2tq, 2tq+1; c[2], c[3]: row g+8
-      if (KS == 1) {
+          for (int u = 0; u < U; ++u) {
+            const uint4 xv = *(const uint4*)(xr + (size_t)gi * MK_TILE_B * XST + kb * 32 * U + 8 * u);
+            // each mma sums only its 16 products (the tensor core's internal f32 accumulation does not
+            // round to nearest); the running sums are ordinary f32 adds, like the CUDA-core GEMV's
+            float tc[4] = {0.f, 0.f, 0.f, 0.f}, td[4] = {0.f, 0.f, 0.f, 0.f};
+            mk_mma_bf16(tc, wa[u].x, wb[u].x, wa[u].y, wb[u].y, xv.x, xv.y);
+            mk_mma_bf16(td, wa[u].z, wb[u].z, wa[u].w, wb[u].w, xv.z, xv.w);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int r = rb * 16 + g + (q >> 1) * 8, n = 2 * tq + (q & 1);
-          if (r < R && n < nb) {
-            float v = mk_bf16_round(c[q]);
-            const size_t o = (size_t)(b0 + n) * NS + r;
-            if (epi & 1) v = mk_ld_bf16((const __nv_bfloat16*)t.p[3] + o) + v;
-            out[o] = __float2bfloat16_rn(v);
+            for (int q = 0; q < 4; ++q) { c[gi][q] += tc[q]; d[gi][q] += td[q]; }
           }
         }
-      } else {
+      }
+      // c[gi][0], c[gi][1]: row g, tokens 8gi + 2tq, +1; c[gi][2], c[gi][3]: row g+8
 #pragma unroll
-        for (int q = 0; q < 4; ++q) part[warp * 128 + (g + (q >> 1) * 8) * 8 + 2 * tq + (q & 1)] = c[q];
+      for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float v = c[gi][q] + d[gi][q];
+          const int rr = g + (q >> 1) * 8, n = gi * MK_TILE_B + 2 * tq + (q & 1);
+          if (KS == 1) {
+            if (rb * 16 + rr < R && n < nbt) mk_store_out(t, (size_t)(b0 + n) * NS + rb * 16 + rr, v);
+          } else {
+            part[(gi * MK_NWARP + warp) * 128 + rr * 8 + 2 * tq + (q & 1)] = v;
+          }
+        }
       }
     }
     __syncthreads();
     if (KS > 1) {
-      for (int i = threadIdx.x; i < R * nb; i += MK_NT) {
-        const int r = i / nb, n = i % nb, rb = r / 16;
+      for (int i = threadIdx.x; i < R * nbt; i += MK_NT) {
+        const int r = i / nbt, n = i % nbt, rb = r / 16, gi = n / MK_TILE_B;
         float v = 0.f;
-        for (int k = 0; k < KS; ++k) v += part[(rb * KS + k) * 128 + (r % 16) * 8 + n];
-        v = mk_bf16_round(v);
-        const size_t o = (size_t)(b0 + n) * NS + r;
-        if (epi & 1) v = mk_ld_bf16((const __nv_bfloat16*)t.p[3] + o) + v;
-        out[o] = __float2bfloat16_rn(v);
+        for (int k = 0; k < KS; ++k) v += part[(gi * MK_NWARP + rb * KS + k) * 128 + (r % 16) * 8 + n % MK_TILE_B];
+        mk_store_out(t, (size_t)(b0 + n) * NS + r, v);
       }
       __syncthreads();
     }
     if (epi & 2) {
-      const int warp_ = warp;
-      for (int b = warp_; b < nb; b += MK_NWARP) {
+      for (int b = warp; b < nbt; b += MK_NWARP) {
         float best = MK_NEG_INF;
         int bi = 0x7fffffff;
         for (int r = lane; r < R; r += 32) {
-          float v = mk_ld_bf16(out + (size_t)(b0 + b) * NS + r);
+          float v = mk_load_out(t, (size_t)(b0 + b) * NS + r);
           if (v > best || (v == best && r < bi)) { best = v; bi = r; }
         }
 #pragma unroll

@@ -9,12 +9,14 @@ Numerics
     once per weight per call (callers may pass float32 weights to skip that).
 
 Bit-exactness with tiled execution
-    Matmuls/linears accumulate in float64 (a product of two bf16 or f32 values is exact in float64, so
-    a sum over K tiles or split-K partial sums added in float64 differs from the whole sum by far less
-    than a float32 ulp), and every reduction of the norm, softmax and attention references runs per
-    row along the last axis of a C-contiguous float64 array: a tile that computes some rows (tokens,
-    heads, output columns) of an op with the same references gets the same float32 bits as this
-    interpreter in ``float_storage="f32"`` mode.
+    Every reduction of the norm, softmax, linear and attention references runs per row along the last
+    axis of a C-contiguous float64 array: a tile that computes some rows (tokens, heads, output
+    columns) of an op with the same references gets the same float32 bits as this interpreter in
+    ``float_storage="f32"`` mode.  A split reduction (split-K partial sums, split-KV partial softmax)
+    kept in float64 and merged in a fixed order differs from the whole float64 reduction by a few
+    float64 ulps, so its float32 result is the same except when that difference straddles a float32
+    rounding boundary: no fixed order can exclude this (tests/test_simulator.py has a counterexample
+    for each), but it was never seen on random inputs.
 
 Loops run as loops (no unroll pass needed); values defined inside iteration ``L`` are recorded as
 ``name.L`` (nested: ``name.L1.L2``), the names the unroll pass gives them.  State tensors (KV caches)

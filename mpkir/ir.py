@@ -283,14 +283,31 @@ class LayerIndex:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """``shard(axis=0, parts=2, index=1)`` after a weight's checkpoint name: the declared type is slice
+    ``index`` of ``parts`` equal contiguous slices of the checkpoint tensor along ``axis`` (tensor parallel:
+    one rank's part; the checkpoint tensor's ``axis`` is ``parts`` times the declared one)."""
+
+    axis: Expr
+    parts: Expr
+    index: Expr
+    loc: Span | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class WeightDecl:
-    """``weight wq[l < layers] : bf16[q_dim, hidden] = "model.layers.{l}.self_attn.q_proj.weight"``."""
+    """``weight wq[l < layers] : bf16[q_dim, hidden] = "model.layers.{l}.self_attn.q_proj.weight"``.
+
+    ``shard`` (optional, printed after the checkpoint name) says which slice of the checkpoint tensor the
+    weight is (see :class:`Shard`); None: the whole tensor.
+    """
 
     name: str
     index: LayerIndex | None
     type: TypeExpr
     checkpoint: str
     loc: Span | None = field(default=None, compare=False, repr=False)
+    shard: Shard | None = None
 
     def checkpoint_name(self, layer: int | None = None) -> str:
         """The checkpoint key for one layer (the index variable substituted)."""

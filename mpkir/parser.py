@@ -15,7 +15,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.lexer import PatternStr
 
 from mpkir import ir
-from mpkir.diagnostics import Diagnostic, MpkError, NodeSpan, Span, source_lines
+from mpkir.diagnostics import Diagnostic, MpkError, NodeSpan, Span, part, source_lines
 from mpkir.grammar import grammar_text
 from mpkir.printer import KEYWORDS
 
@@ -33,6 +33,7 @@ _ARITH = {"PLUS", "MINUS", "STAR", "SLASH"}
 _ARG_START = {"VALUE", "WEIGHT", "NAME"}
 _DECL_KEYWORDS = {"MODEL", "CONST", "DIM", "SERVE", "__ANON_1", "STATE", "GRAPH"}
 _MAX_INT = 2**63 - 1
+_SHARD_KEYS = ("axis", "parts", "index")
 
 _EQ_LABEL = "expected '='"
 # Common mistakes, recognised by the parser state they fail in (lark ``match_examples``).
@@ -393,10 +394,32 @@ class _Builder(Transformer):
         return ir.LayerIndex(self._n(c[0]), c[1], self._s(meta, ("name", self._t(c[0]))))
 
     @v_args(meta=True)
+    def shard_spec(self, meta, c):
+        loc = self._s(meta)
+        got: dict[str, ir.Expr] = {}
+        for a in (x for x in c if x is not None):
+            if a.key not in _SHARD_KEYS:
+                known = ", ".join(_SHARD_KEYS)
+                raise MpkError(Diagnostic(f"unknown shard setting '{a.key}' (known: {known})",
+                                          part(a.loc, "name")))
+            if a.key in got:
+                raise MpkError(Diagnostic(f"shard setting '{a.key}' given twice", part(a.loc, "name")))
+            if not isinstance(a.value, (ir.Num, ir.Name, ir.BinOp, ir.Neg)):
+                raise MpkError(Diagnostic(f"shard setting '{a.key}' must be an integer expression",
+                                          a.value.loc))
+            got[a.key] = a.value
+        missing = [k for k in _SHARD_KEYS if k not in got]
+        if missing:
+            raise MpkError(Diagnostic(f"shard(...) needs {', '.join(missing)} (write shard(axis=A, parts=P, "
+                                      "index=I))", loc))
+        return ir.Shard(got["axis"], got["parts"], got["index"], loc)
+
+    @v_args(meta=True)
     def weight_decl(self, meta, c):
         ckpt = c[3]
         loc = self._s(meta, ("name", self._t(c[0])), ("checkpoint", self._t(ckpt)))
-        return ir.WeightDecl(self._n(c[0]), c[1], c[2], decode_string(str(ckpt), self._t(ckpt)), loc)
+        return ir.WeightDecl(self._n(c[0]), c[1], c[2], decode_string(str(ckpt), self._t(ckpt)), loc,
+                             shard=c[4])
 
     @v_args(meta=True)
     def state_decl(self, meta, c):

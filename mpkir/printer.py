@@ -137,7 +137,12 @@ def print_decl(d: ir.Decl) -> list[str]:
         return ["serve {", *(f"{INDENT}{_ident(a.key)} = {print_expr(a.value)}" for a in d.items), "}"]
     if isinstance(d, ir.WeightDecl):
         head = f"weight {_ident(d.name)}{_layer_index(d.index)}"
-        return [f"{head} : {print_type(d.type)} = {json.dumps(d.checkpoint)}"]
+        shard = ""
+        if d.shard is not None:
+            sh = d.shard
+            shard = (f" shard(axis={print_expr(sh.axis)}, parts={print_expr(sh.parts)}, "
+                     f"index={print_expr(sh.index)})")
+        return [f"{head} : {print_type(d.type)} = {json.dumps(d.checkpoint)}{shard}"]
     if isinstance(d, ir.StateDecl):
         return [f"state {_ident(d.name)}{_layer_index(d.index)} : {print_type(d.type)}"]
     if isinstance(d, ir.GraphDecl):

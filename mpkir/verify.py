@@ -66,6 +66,7 @@ class _Checker:
             self.err("more than one 'serve' block", extra.loc)
         cfg, d = serve_config(serves[0] if serves else None, env)
         self.diags.extend(d)
+        self.cfg = cfg
         self.globals = self._globals()
         graphs: dict[str, GraphInfo] = {}
         self._graph_locs: dict[str, Span | None] = {}
@@ -119,6 +120,8 @@ class _Checker:
             out[d.name] = t
             if isinstance(d, ir.WeightDecl):
                 self._check_binding(d)
+                if d.shard is not None:
+                    self._check_shard(d, t)
         return out
 
     def _check_binding(self, d: ir.WeightDecl) -> None:
@@ -135,6 +138,32 @@ class _Checker:
                      "tensor", loc)
         if not d.checkpoint:
             self.err(f"weight '{d.name}' is bound to an empty checkpoint name", loc)
+
+    def _check_shard(self, d: ir.WeightDecl, t: ir.TensorType) -> None:
+        """``shard(axis, parts, index)``: integers in range, and parts equal to the serve block's gpus."""
+        sh = d.shard
+        vals: dict[str, int] = {}
+        for key in ("axis", "parts", "index"):
+            e = getattr(sh, key)
+            try:
+                vals[key] = eval_int(e, self.env, f"shard {key} of '{d.name}'")
+            except MpkError as err:
+                self.diags.extend(err.diagnostics)
+        if "axis" in vals and not 0 <= vals["axis"] < t.rank:
+            self.err(f"shard axis {vals['axis']} of weight '{d.name}' is out of range for its type {t} "
+                     f"(rank {t.rank})", sh.axis.loc or sh.loc)
+        if "parts" in vals:
+            parts = vals["parts"]
+            if parts < 1:
+                self.err(f"shard parts of weight '{d.name}' must be at least 1, got {parts}",
+                         sh.parts.loc or sh.loc)
+            elif parts != self.cfg.gpus:
+                self.err(f"weight '{d.name}' is one of {parts} shards but the serve block has gpus = "
+                         f"{self.cfg.gpus}", sh.parts.loc or sh.loc,
+                         "a sharded module is one GPU's part of a serve { gpus = N } run: parts must be N")
+            if "index" in vals and parts >= 1 and not 0 <= vals["index"] < parts:
+                self.err(f"shard index {vals['index']} of weight '{d.name}' is out of range 0..{parts - 1}",
+                         sh.index.loc or sh.loc)
 
     # ------------------------------------------------------------------ graphs
     def _graph(self, g: ir.GraphDecl) -> GraphInfo:

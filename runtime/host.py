@@ -1,7 +1,8 @@
 """CuPy host runtime of the megakernel: compile (NVRTC, cached on disk), allocate, launch N steps, watchdog.
 
 ``Megakernel(module, batch=B)`` lowers and compiles; ``.init_random(seed)`` fills weights and KV cache;
-``.run(tokens, positions, steps)`` launches once for ``steps`` decode steps and returns the tokens.
+``.launch(steps)`` runs ``steps`` decode steps in one launch (the kernel feeds each argmax to the next step).
+:class:`StepBackend` (``make_step_backend``) is the serving engine's step function: one launch per step.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class Megakernel:
             if old is not None and (old.shape == tuple(b.shape) or name == "hist"):
                 continue
             self.bufs[name] = cp.zeros(b.shape, dtype=dt)
+            if b.kind == "const":  # values fixed at compile time (e.g. rope inverse frequencies)
+                self.bufs[name][...] = cp.asarray(np.asarray(b.data).reshape(b.shape).astype(dt))
 
     def resize_hist(self, steps: int):
         self.bufs["hist"] = self.cp.zeros((steps, self.plan.max_tokens), dtype=self.cp.int32)
@@ -167,15 +170,26 @@ class Megakernel:
         self.d_off = cp.asarray(off)
         self.d_list = cp.asarray(flat)
         self.h_jit = jit
-        self.d_counters = cp.zeros(len(plan.ops), dtype=cp.uint64)
-        self.d_status = cp.zeros(4, dtype=cp.int32)
-        self.d_dump = cp.zeros((plan.num_sms, 8), dtype=cp.int32)
-        self.d_jit = cp.asarray(jit)
+        # one control block, reset by one device copy per launch:
+        # counters (u64 per op) | status (4) | per-SM dump (num_sms x 8) | JIT tickets (ops x 4)
+        n_ops, n_jit = len(plan.ops), jit.shape[0]
+        sizes = (2 * n_ops, 4, plan.num_sms * 8, n_jit * 4)
+        ctrl = cp.zeros(sum(sizes), dtype=cp.int32)
+        o = np.cumsum((0, *sizes))
+        self.d_counters = ctrl[o[0] : o[1]].view(cp.uint64)
+        self.d_status = ctrl[o[1] : o[2]]
+        self.d_dump = ctrl[o[2] : o[3]].reshape(plan.num_sms, 8)
+        self.d_jit = ctrl[o[3] : o[4]].reshape(n_jit, 4)
+        init = np.zeros(sum(sizes), np.int32)
+        init[o[3] : o[4]] = jit.reshape(-1)
+        self.d_ctrl, self.d_ctrl_init = ctrl, cp.asarray(init)
+        self.events = (cp.cuda.Event(), cp.cuda.Event())
 
     # ---------------------------------------------------------------- launch
-    def set_inputs(self, tokens, positions, seq_ids=None, page_table=None):
+    def set_inputs(self, tokens, positions, seq_ids=None, page_table=None, live: int | None = None):
+        """Upload one launch's inputs; ``live`` tokens (default: the plan's batch) run, the rest pad."""
         cp = self.cp
-        B = self.B
+        B = self.B if live is None else live
         tok = np.zeros(self.plan.max_tokens, np.int32)
         tok[:B] = tokens
         pos = np.zeros(self.plan.max_tokens, np.int32)
@@ -191,23 +205,21 @@ class Megakernel:
         R, pps = pt.shape
         pt[...] = cp.arange(R * pps, dtype=cp.int32).reshape(R, pps) if page_table is None else page_table
 
-    def launch(self, steps: int, trace_cap: int = 0):
-        """One launch for ``steps`` decode steps; returns elapsed ms (device events)."""
+    def launch(self, steps: int, trace_cap: int = 0, live: int | None = None):
+        """One launch for ``steps`` decode steps over ``live`` tokens (default the plan's batch; tasks of
+        later tokens return at once); returns elapsed ms (device events)."""
         cp = self.cp
         if "hist" not in self.bufs or self.bufs["hist"].shape[0] != steps:
             self.resize_hist(steps)
             self.d_tasks = None
         if getattr(self, "d_tasks", None) is None:
             self._table()
-        self.d_counters.fill(0)
-        self.d_status.fill(0)
-        self.d_dump.fill(0)
-        self.d_jit[...] = cp.asarray(self.h_jit)
+        self.d_ctrl.data.copy_from_device_async(self.d_ctrl_init.data, self.d_ctrl.nbytes)
         self.bufs["hist"].fill(-1)
         self.d_trace = (
             cp.zeros((self.plan.num_sms, max(trace_cap, 1), 4), dtype=cp.uint64) if trace_cap else None
         )
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0, e1 = self.events
         e0.record()
         self.kernel(
             (self.plan.num_sms,),
@@ -222,7 +234,7 @@ class Megakernel:
                 self.d_trace if self.d_trace is not None else np.uint64(0),
                 np.int32(trace_cap),
                 np.int32(steps),
-                np.int32(self.B),
+                np.int32(self.B if live is None else live),
                 np.int64(self.spin_limit),
                 self.d_jit,
             ),
@@ -271,6 +283,131 @@ class Megakernel:
 
     def buffer(self, name):
         return self.bufs[name]
+
+
+def bf16_bits(a) -> np.ndarray:
+    """bf16 bit patterns (uint16): a bf16 array's own bits, else float32 rounded to nearest even."""
+    a = np.asarray(a)
+    if a.dtype.name == "bfloat16" or a.dtype == np.uint16:
+        return np.ascontiguousarray(a).view(np.uint16)
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return r.astype(np.uint16)
+
+
+class StepBackend:
+    """The engine's step function on the GPU: one megakernel launch per engine step.
+
+    Built from the module whose entry graph returns the lm_head logits (``logits_module``); the kernel is
+    planned once for the serve block's ``max_tokens`` and each step runs its ``T`` live tokens (the tasks
+    of later tokens return at once), so nothing is re-planned or recompiled between steps. The real
+    weights live in the plan's buffers (tied weights share one), the paged KV cache stays on the device
+    between steps; tokens, positions, seq ids and the page table come from the host engine each step.
+    ``step`` returns float32 logits [T, V] (the bf16 values the graph computes).
+    """
+
+    def __init__(self, module, analysis, weights, graph: str | None = None, spin_limit: int = 20_000_000):
+        from mpkir.diagnostics import error
+        from mpkir.models.backends import _bind_params, logits_module
+
+        m2, changed = logits_module(module, analysis, graph)
+        self.params = _bind_params(m2.graph(graph))
+        if self.params["positions"] != "positions":
+            raise error("the GPU backend needs the graph's positions parameter to be named %positions")
+        t0 = time.time()
+        self.mk = Megakernel(m2, batch=None, greedy=True, spin_limit=spin_limit)
+        plan = self.mk.plan
+        if changed and plan.logits is None:
+            raise error("the GPU plan of the logits graph has no logits buffer")
+        self.returns_logits = plan.logits is not None
+        self.max_tokens = plan.max_tokens
+        self.device_name = self.mk.device_name
+        if weights is None:  # benchmarks: random weights and KV cache (timing depends on shapes only)
+            self.mk.init_random(0)
+        else:
+            self.load_weights(weights)
+        self._io_block()
+        self.mk.resize_hist(1)
+        self.mk._table()
+        self.setup_s = time.time() - t0
+        self.steps = 0
+        self.kernel_ms = 0.0
+
+    def _io_block(self) -> None:
+        """Put the step inputs (tokens, positions0, positions, seq ids, page table) in one device block
+        (views replace the separate buffers), uploaded per step with one copy from pinned host memory."""
+        cp, mk = self.mk.cp, self.mk
+        ins, p = mk.plan.inputs, self.params
+        names = [ins[p["tokens"]], "in:positions0", ins[p["positions"]], ins[p["seq_ids"]]]
+        names.append(ins[p["page_table"]])
+        shapes = [tuple(mk.bufs[n].shape) for n in names]
+        sizes = [int(np.prod(sh)) for sh in shapes]
+        blk = cp.zeros(sum(sizes), dtype=cp.int32)
+        mem = cp.cuda.alloc_pinned_memory(blk.nbytes)
+        self.h_io = np.frombuffer(mem, np.int32, sum(sizes))
+        self.h_io_mem, self.d_io = mem, blk
+        self.io = {}
+        o = 0
+        for n, sh, sz in zip(names, shapes, sizes, strict=True):
+            mk.bufs[n] = blk[o : o + sz].reshape(sh)
+            self.io[n] = self.h_io[o : o + sz].reshape(sh)
+            o += sz
+        self.io_names = names
+
+    def load_weights(self, weights) -> None:
+        """Copy every weight buffer's checkpoint tensor to the device (bf16), checking names and shapes."""
+        cp, mk = self.mk.cp, self.mk
+        missing, bad = [], []
+        for name, b in mk.plan.buffers.items():
+            if b.kind != "weight":
+                continue
+            if b.checkpoint not in weights:
+                missing.append(b.checkpoint)
+                continue
+            a = np.asarray(weights[b.checkpoint])
+            if tuple(a.shape) != tuple(b.shape):
+                bad.append(f"{b.checkpoint}: checkpoint {tuple(a.shape)} vs plan {tuple(b.shape)}")
+                continue
+            if b.dtype != "bf16":
+                raise DeviceError(f"weight {b.checkpoint}: only bf16 weights are supported on the GPU")
+            mk.bufs[name][...] = cp.asarray(bf16_bits(a))
+        if missing or bad:
+            raise DeviceError(
+                "weights do not match the plan: "
+                + "; ".join([f"missing {', '.join(missing[:8])}" if missing else "", *bad[:8]]).strip("; ")
+            )
+        cp.cuda.Device().synchronize()
+
+    def step(self, tokens, positions, seq_ids, page_table) -> np.ndarray:
+        """One step for the T live tokens: logits [T, V] float32 (token ids [T] for an argmax graph)."""
+        cp, mk = self.mk.cp, self.mk
+        T = len(tokens)
+        if not 1 <= T <= self.max_tokens:
+            raise ValueError(f"step of {T} tokens outside 1..{self.max_tokens} (serve block's max_tokens)")
+        tok, pos0, pos, sid, table = (self.io[n] for n in self.io_names)
+        self.h_io[:] = 0
+        tok[:T] = tokens
+        pos0[:T] = positions
+        pos[:T] = positions
+        sid[:] = -1
+        sid[:T] = seq_ids
+        pt = np.asarray(page_table, np.int32)
+        r, c = min(table.shape[0], pt.shape[0]), min(table.shape[1], pt.shape[1])
+        table[:r, :c] = pt[:r, :c]
+        self.d_io.set(self.h_io)  # one copy (pinned source)
+        self.kernel_ms += mk.launch(1, live=T)
+        self.steps += 1
+        if not self.returns_logits:
+            return cp.asnumpy(mk.bufs["hist"][0, :T]).astype(np.int64)
+        lg = mk.bufs[mk.plan.logits][:T]
+        if lg.dtype != cp.float32:  # bf16 bits -> float32 on the device (no host-side conversion pass)
+            lg = (lg.astype(cp.uint32) << 16).view(cp.float32)
+        return cp.asnumpy(lg)
+
+
+def make_step_backend(module, analysis, weights, graph: str | None = None) -> StepBackend:
+    """The engine's GPU step function (see :class:`StepBackend`)."""
+    return StepBackend(module, analysis, weights, graph)
 
 
 def run_cli(args) -> int:

@@ -9,9 +9,13 @@ iteration ``it`` waiting on event ``e`` runs once ``counter[e] >= num_triggers *
 ``free``  any task whose wait condition holds may run (all interleavings the events allow).
 
 A seed picks which runnable worker/task steps next.  Task bodies compute exactly their tile with the
-operator's reference on the sliced operands.  Reading memory no task has written (in this iteration, for
-activations and scratch) raises :class:`UnwrittenRead`; no runnable task while work remains raises
-:class:`Deadlock`.
+operator's reference on the sliced operands.  Split-K and split-KV partials: with ``float_storage="f32"``
+(the reference mode) the scratch tensors (declared f32, what the GPU stores) are a float64 workspace;
+partial tasks compute the interpreter's float64 sums over their slice and merge tasks combine them in
+split order and round to float32 once, so the result equals the interpreter's bits unless float64
+reassociation straddles a float32 rounding boundary (see :mod:`mpkir.interpreter`).  Reading memory no
+task has written (in this iteration, for activations and scratch) raises :class:`UnwrittenRead`; no
+runnable task while work remains raises :class:`Deadlock`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mpkir.ops.basic import dot_f64
+from mpkir.ops.common import contig64, f64, out32
 from mpkir.passes.tasks.graph import Access, Task, TaskGraph
 
 
@@ -66,6 +72,8 @@ class Simulator:
             dt = DType(t.dtype)
             widen = self.f32 and dt.is_float and t.kind not in ("weight", "state")
             np_dt = np.float32 if widen else dt.numpy
+            if widen and t.kind == "scratch":  # split-K / split-KV partials: a float64 workspace
+                np_dt = np.float64
             if t.kind == "weight":
                 arr = np.asarray(weights[t.checkpoint]).reshape(t.shape)
             elif t.kind == "state":
@@ -147,13 +155,12 @@ class Simulator:
         c0, c1 = attrs["kv_start"], attrs["kv_stop"]
         t, g, d = q.shape
         hkv = kc.shape[2]
-        grp = g // hkv
         page = kc.shape[1]
         scale = attrs.get("scale", 0.0) or 1.0 / np.sqrt(d)
         o = np.zeros((t, g, d), np.float64)
         ml = np.zeros((t, g, 2), np.float64)
         ml[..., 0] = -np.inf
-        q64 = q.astype(np.float32).astype(np.float64)
+        q64 = f64(q)
         for i in range(t):
             r, p = int(sid[i]), int(pos[i])
             hi = min(c1, p + 1)
@@ -161,16 +168,18 @@ class Simulator:
                 continue
             js = np.arange(c0, hi)
             pg = np.asarray(table)[r, js // page].astype(np.int64)
-            kr = kc[pg, js % page].astype(np.float32).astype(np.float64)   # [n, hkv, D]
-            vr = vc[pg, js % page].astype(np.float32).astype(np.float64)
-            for h in range(g):
-                sc = kr[:, h // grp] @ q64[i, h] * scale
-                m = sc.max()
-                e = np.exp(sc - m)
-                o[i, h] = e @ vr[:, h // grp]
-                ml[i, h] = (m, e.sum())
-        self.write(task.writes[0], o[None].astype(np.float32))
-        self.write(task.writes[1], ml[None].astype(np.float32))
+            kt = np.ascontiguousarray(f64(kc[pg, js % page]).transpose(1, 2, 0))   # [hkv, D, n]
+            vt = np.ascontiguousarray(f64(vc[pg, js % page]).transpose(1, 0, 2))   # [hkv, n, D]
+            # the interpreter's attend_one with the normalisation left to the merge
+            s = np.matmul(q64[i].reshape(hkv, g // hkv, d), kt) * scale              # [hkv, grp, n]
+            m = np.max(s, axis=-1, keepdims=True)
+            e = np.exp(s - m)
+            o[i] = np.matmul(e, vt).reshape(g, d)
+            ml[i, :, 0] = m.reshape(g)
+            ml[i, :, 1] = np.sum(e, axis=-1).reshape(g)
+        # f64 workspace in reference mode (float_storage="f32"), else rounded to the declared f32
+        self.write(task.writes[0], o[None])
+        self.write(task.writes[1], ml[None])
 
     def execute(self, task: Task) -> None:
         from mpkir.ops.base import RefCtx
@@ -181,19 +190,21 @@ class Simulator:
         if k == "copy":
             self.write(task.writes[0], self.read(task, task.reads[0]))
             return
-        if k == "linear_partial":
-            x = self.read(task, task.reads[0]).astype(np.float32)
-            w = self.read(task, task.reads[1]).astype(np.float32)
-            self.write(task.writes[0], (x @ w.T)[None])
+        if k == "linear_partial":  # float64 dot products over the K slice (as the interpreter's linear)
+            x = self.read(task, task.reads[0])
+            w = self.read(task, task.reads[1])
+            lead = x.shape[:-1]
+            y = dot_f64(contig64(x).reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[0])
+            self.write(task.writes[0], y[None])
             return
-        if k == "linear_merge":
-            p = self.read(task, task.reads[0])
+        if k == "linear_merge":    # partials added in split order in float64, + bias, rounded once
+            p = f64(self.read(task, task.reads[0]))
             acc = p[0].copy()
             for s in range(1, p.shape[0]):
                 acc = acc + p[s]
             if len(task.reads) > 1:
-                acc = acc + self.read(task, task.reads[1]).astype(np.float32)
-            self.write(task.writes[0], acc)
+                acc = acc + f64(self.read(task, task.reads[1]))
+            self.write(task.writes[0], out32(acc))
             return
         if k == "kv_append":
             from mpkir.ops.attention import write_cache
@@ -209,8 +220,8 @@ class Simulator:
             self._attention_partial(task, attrs)
             return
         if k == "attention_merge":
-            o = self.read(task, task.reads[0]).astype(np.float64)      # [S, t, g, D]
-            ml = self.read(task, task.reads[1]).astype(np.float64)     # [S, t, g, 2]
+            o = f64(self.read(task, task.reads[0]))      # [S, t, g, D]
+            ml = f64(self.read(task, task.reads[1]))     # [S, t, g, 2]
             m, el = ml[..., 0], ml[..., 1]
             big = np.max(m, axis=0)
             safe = np.where(np.isfinite(big), big, 0.0)
@@ -218,7 +229,7 @@ class Simulator:
             den = np.sum(w * el, axis=0)
             num = np.sum(w[..., None] * o, axis=0)
             out = np.where(den[..., None] > 0, num / np.where(den > 0, den, 1.0)[..., None], 0.0)
-            self.write(task.writes[0], out.astype(np.float32))
+            self.write(task.writes[0], out32(out))
             return
         op = OPS[k]
         if attrs.pop("halves", False):

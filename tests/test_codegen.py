@@ -12,7 +12,7 @@ import pytest
 from mpkir.codegen.emit import emit_cuda
 from mpkir.codegen.lower import lower
 from mpkir.diagnostics import MpkError
-from mpkir.parser import parse_file
+from mpkir.parser import parse, parse_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MODELS = ["smollm2_135m", "qwen3_0_6b", "llama3_2_1b", "qwen3_1_7b", "qwen3_8b"]
@@ -101,3 +101,73 @@ def test_example_kernel_compiles(name, tmp_path):
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 def test_small_example_kernel_compiles(tmp_path):
     _nvcc(emit_cuda(_plan("mlp")), tmp_path)
+
+
+def _text(name: str) -> str:
+    return (EXAMPLES / f"{name}.mpk").read_text()
+
+
+def test_logits_graph_and_kv_append_in_rope_task():
+    """The engine's variant (the graph returns the logits) lowers; k/v reach the caches in the k rope task,
+    before any attention of the step reads them (prefill chunks: tokens of one request see each other)."""
+    from mpkir.models.backends import logits_module
+    from mpkir.verify import analyze
+
+    m, _ = parse_file(str(EXAMPLES / "qwen3_0_6b.mpk"))
+    m2, changed = logits_module(m, analyze(m))
+    assert changed
+    p = lower(m2, greedy=True, batch=4)
+    assert p.logits == "v:logits" and p.buffers["v:logits"].dtype == "bf16"
+    assert p.ops[-1].kind == "linear" and not any(o.kind == "argmax" for o in p.ops)
+    att = [i for i, o in enumerate(p.ops) if o.kind == "attention"]
+    assert len(att) == 28 and not any(o.kind == "kv_append" for o in p.ops)
+    for i in att:
+        assert all(t.a[24] == 0 for t in p.ops[i].tasks)  # the attention itself appends nothing
+        deps = [p.ops[d] for d, _ in p.ops[i].deps]
+        appenders = [o for o in deps if o.kind == "norm_rope" and o.tasks[0].a[20] & 4]
+        assert len(appenders) == 1
+
+
+def test_f32_logits_when_the_module_casts():
+    src = _text("llama3_2_1b").replace(
+        "%logits = linear(%hf, @lm_head)", "%hf32 = cast(%hf, dtype=f32)\n  %logits = linear(%hf32, @lm_head)"
+    )
+    p = lower(parse(src, "x.mpk"), greedy=True, batch=2)
+    assert p.buffers[p.logits].dtype == "f32"
+    lm = next(o for o in p.ops if o.name == "logits")
+    assert all(t.a[25] == 1 and t.a[20] == 1 for t in lm.tasks)  # f32 output, final rmsnorm still fused
+    assert lm.tasks[1].p[2][1] == lm.tasks[0].a[17] * 4  # output pointers step by float32 columns
+
+
+def _rope_variant(extra: str) -> str:
+    old = "%q_rot = rope(%q_heads, %positions, theta=rope_theta, style=neox)"
+    src = _text("llama3_2_1b")
+    assert old in src
+    return src.replace(old, old[:-1] + ", " + extra + ")")
+
+
+def test_unknown_rope_scaling_is_refused_with_a_location():
+    for extra in ("scaling=yarn, factor=4.0", "mscale=2.0"):
+        with pytest.raises(MpkError, match=r"rope attribute") as e:
+            lower(parse(_rope_variant(extra), "x.mpk"), greedy=True, batch=1)
+        assert e.value.diagnostics[0].span is not None
+
+
+def test_llama3_rope_scaling_becomes_the_interpreters_frequency_table():
+    import numpy as np
+
+    attention = pytest.importorskip("mpkir.ops.attention")
+    if not hasattr(attention, "rope_inv_freq"):
+        pytest.skip("operator set without rope scaling")
+    extra = "scaling=llama3, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, "
+    extra += "original_max_position=8192"
+    p = lower(parse(_rope_variant(extra), "x.mpk"), greedy=True, batch=1)
+    tables = {n: b for n, b in p.buffers.items() if b.kind == "const"}
+    assert len(tables) == 2  # the scaled q rope of layer 0.., and the plain k rope
+    want = attention.rope_inv_freq(64, 500000.0, scaling="llama3", factor=32.0).astype(np.float32)
+    plain = attention.rope_inv_freq(64, 500000.0).astype(np.float32)
+    got = sorted((b.data for b in tables.values()), key=lambda a: float(a[-1]))
+    assert np.array_equal(got[0], want) and np.array_equal(got[1], plain)
+    assert not np.array_equal(want, plain)
+    q0 = next(o for o in p.ops if o.name == "q_rot.0")
+    assert p.buffers[q0.tasks[0].p[9][0]].data is not None

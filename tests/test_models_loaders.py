@@ -173,7 +173,7 @@ def test_config_sizes_one_file_for_a_family():
         vals["head_dim"].value == 64 and vals["hidden"].value == 576 and vals["rope_theta"].value == 100000.0
     )
     with pytest.raises(MpkError, match="rope_scaling"):
-        mconfig.apply_config(m, {**cfg_8b, "rope_scaling": {"rope_type": "llama3", "factor": 32.0}})
+        mconfig.apply_config(m, {**cfg_8b, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(MpkError, match="hidden_act"):
         mconfig.apply_config(m, {**cfg_8b, "hidden_act": "gelu"})
 

@@ -15,7 +15,8 @@ from mpkir.ops.sampling import mix64, sample_uniforms
 
 CATALOGUE = ["embedding", "rmsnorm", "layernorm", "head_rmsnorm", "linear", "matmul", "add", "mul", "silu",
              "gelu", "silu_mul", "softmax", "rope", "attention", "paged_attention", "reshape", "split",
-             "concat", "transpose", "cast", "argmax", "sample", "allreduce"]
+             "concat", "transpose", "cast", "argmax", "sample", "allreduce",
+             "allgather", "allreduce_argmax"]  # the last two: the multi-GPU helper's collectives
 
 RNG = np.random.default_rng()
 
@@ -214,6 +215,40 @@ def test_rope_styles_differ_and_position_zero_is_identity():
     (b,) = run("rope", x, pos, style="interleaved")
     assert rel(a, b) > 1e-3
     (z,) = run("rope", x, np.zeros(2, np.int32))
+    np.testing.assert_array_equal(z, x)
+
+
+def _llama3_freq(i, rd, theta, factor, lo, hi, old):
+    """Meta's llama3 scaling of one frequency, written out (float64 scalars)."""
+    f = theta ** (-2.0 * i / rd)
+    wavelen = 2 * math.pi / f
+    if wavelen < old / hi:
+        return f
+    if wavelen > old / lo:
+        return f / factor
+    s = (old / wavelen - lo) / (hi - lo)
+    return (1 - s) * f / factor + s * f
+
+
+def test_rope_llama3_scaling():
+    x = randn(6, 3, 16)
+    pos = RNG.integers(0, 3000, 6).astype(np.int32)
+    kw = dict(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position=64)
+    (y,) = run("rope", x, pos, **kw)
+    ref = x.astype(np.float64).copy()
+    for t in range(6):
+        for i in range(8):
+            ang = pos[t] * _llama3_freq(i, 16, 500000.0, 8.0, 1.0, 4.0, 64.0)
+            c, s = math.cos(ang), math.sin(ang)
+            a, b = x[t, :, i].astype(np.float64), x[t, :, i + 8].astype(np.float64)
+            ref[t, :, i], ref[t, :, i + 8] = a * c - b * s, b * c + a * s
+    assert rel(y, ref) < 1e-5                                     # angles formed in float32, as HF does
+    (plain,) = run("rope", x, pos, theta=500000.0)
+    assert rel(plain, ref) > 1e-2                                 # the scaling changes the result
+    (one,) = run("rope", x, pos, **{**kw, "factor": 1.0})         # factor 1 is exactly no scaling
+    np.testing.assert_array_equal(one, plain)
+    (z,) = run("rope", x, np.zeros(6, np.int32), **kw)
     np.testing.assert_array_equal(z, x)
 
 
@@ -441,6 +476,10 @@ ERRORS = [
     ("softmax", (T("f32", 2, 3),), {"axis": 2}, "axis 2 is out of range for rank 2", None),
     ("rope", (T("bf16", "B", 4, 64), T("i32", 3)), {}, "positions i32[3] must have one entry per token", 1),
     ("rope", (T("bf16", 3, 4, 64), T("i32", 3)), {"rotary_dim": 65}, "rotary_dim 65 must be even", None),
+    ("rope", (T("bf16", 3, 4, 64), T("i32", 3)), {"scaling": "llama3", "factor": 0.0},
+     "scaling factor must be positive", None),
+    ("rope", (T("bf16", 3, 4, 64), T("i32", 3)), {"scaling": "llama3", "low_freq_factor": 4.0},
+     "needs 0 < low_freq_factor < high_freq_factor, got 4.0 and 4.0", None),
     ("attention", (T("bf16", 3, 6, 64), T("bf16", 3, 4, 64), T("bf16", 3, 4, 64)), {},
      "q bf16[3, 6, 64] has 6 heads, not a multiple of the 4 kv heads of k bf16[3, 4, 64]", 1),
     ("attention", (T("bf16", 3, 4, 64), T("bf16", 3, 2, 32), T("bf16", 3, 2, 32)), {},

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mpkir.passes.superopt import interp
 from mpkir.passes.superopt import search as S
-from mpkir.passes.superopt.cuda import emit_fused
+from mpkir.passes.superopt.cuda import emit_task_module
 from mpkir.passes.superopt.domains import Float
 from mpkir.passes.superopt.program import ProgramError, parse_fused, print_fused
 from mpkir.passes.superopt.targets import Subgraph, inputs_of, target
@@ -105,13 +105,9 @@ def test_cuda_emitter_compiles_for_sm90a(tmp_path):
             Subgraph("headnorm_rope", (), (("T", 2), ("Hh", 4), ("D", 64)), (("eps", 1e-6),)), "token_head"
         ),
     ]
-    src = "".join(
-        emit_fused(f).replace("superopt_", f"p{i}_")
-        if i == 0
-        else emit_fused(f).split("\n\n", 1)[1].replace("superopt_", f"p{i}_")
-        for i, f in enumerate(progs)
-    )
-    assert "blockIdx" not in src and "__device__ void" in src
+    src, bodies = emit_task_module([(f"p{i}_", f) for i, f in enumerate(progs)])
+    assert len(bodies) == 4 and all("blockIdx" not in b.source for b in bodies)
+    assert "__device__ void mk_so_p1_attn_merge(const MkTask& t" in src
     cu = tmp_path / "superopt.cu"
     cu.write_text(src)
     r = subprocess.run(
@@ -137,7 +133,23 @@ def test_pass_registered_and_cli_report(tmp_path):
     assert make_pass("superopt").name == "superopt"
     src = tmp_path / "m.mpk"
     src.write_text(SMALL)
-    r = subprocess.run(["python", "-m", "mpkir", "superopt", str(src), "--report", "--budget", "20s",
-                        "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=170)
+    r = subprocess.run(
+        [
+            "python",
+            "-m",
+            "mpkir",
+            "superopt",
+            str(src),
+            "--report",
+            "--budget",
+            "20s",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
     assert r.returncode == 0, r.stderr
     assert "norm_linear" in r.stdout and "Z3 proved" in r.stdout and "explored" in r.stdout
+    assert "hand-written: mk_linear mode 1" in r.stdout and "decision: " in r.stdout

@@ -214,7 +214,7 @@ def test_qwen3_8b_decomposes_fast():
     cpu = time.process_time() - t0
     s = tg.stats
     print({k: s[k] for k in ("tasks", "events_before_fusion", "events", "waits", "est_step_us")})
-    assert cpu < 5.0, f"took {cpu:.1f} s of CPU"
+    assert cpu < 3.0, f"took {cpu:.1f} s of CPU"  # about 1.3 s on an idle 2-core CI machine
     assert s["tasks"] > 5000 and s["events"] < s["events_before_fusion"] / 2
     assert 3000 < s["est_step_us"] < 20000  # H100 roofline for 16 GB of bf16 weights is ~4.9 ms
     placed = sorted(t for w in tg.placement.workers for t in w)
@@ -244,3 +244,33 @@ def test_emitter_bad_schedule_is_a_diagnostic(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mpkir", "opt", str(p), "--emit-tasks"], capture_output=True,
                        text=True)
     assert r.returncode == 1 and "bad.mpk:10:" in r.stderr and "Traceback" not in r.stderr
+
+
+# ms per step measured on the H100 (bench/RESULTS.md, 2026-11-25: 1024-token context, bf16, 132 CTAs)
+MEASURED_H100_MS = {("qwen3_0_6b", 1): 2.43, ("qwen3_0_6b", 8): 3.37, ("llama3_2_1b", 1): 2.03,
+                    ("llama3_2_1b", 8): 2.81, ("qwen3_8b", 1): 8.02, ("qwen3_8b", 8): 13.43}
+
+
+def _at(name: str, batch: int, ctx: int) -> str:
+    import re
+
+    text = (EXAMPLES / f"{name}.mpk").read_text()
+    for const, v in (("max_tokens", batch), ("max_requests", batch), ("max_seq_len", ctx)):
+        text, n = re.subn(rf"^const {const} = .*$", f"const {const} = {v}", text, flags=re.M)
+        assert n == 1
+    return text
+
+
+def test_cost_model_matches_h100_measurements_within_2x():
+    """The calibrated cost model (measured stream bandwidth and hop latency) against measured steps.
+
+    The model is optimistic: it assumes streaming and tensor-core work overlap, which today's batch-8
+    GEMV does not do (see gpus.py); measured / estimated was 1.11-1.69 when this test was written.
+    """
+    ratios = {}
+    for (name, batch), ms in MEASURED_H100_MS.items():
+        tg = build_task_graph(parse(_at(name, batch, 1024), name), gpu="h100")
+        ratios[name, batch] = ms / (tg.stats["est_step_us"] / 1e3)
+    print({k: round(v, 2) for k, v in ratios.items()})
+    assert all(1.0 <= r <= 2.0 for r in ratios.values()), ratios
+    assert all(r <= 1.5 for (_, b), r in ratios.items() if b == 1), ratios  # batch 1: within 1.5x

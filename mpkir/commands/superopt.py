@@ -37,6 +37,14 @@ def report_lines(results, errors) -> list[str]:
             f"{b['time_ns'] / 1000:.1f} us (gain {r.gain:.2f}x), HBM {c['bytes']} B, {c['flops']} FLOP, "
             f"smem {c['smem']} B, {c['tasks']} tasks"
         )
+        hw = r.handwritten
+        if hw:
+            lines.append(
+                f"   hand-written: {hw['body']}: predicted {hw['time_ns'] / 1000:.1f} us, "
+                f"HBM {hw['bytes']} B, {hw['tasks']} tasks"
+            )
+        applied, why = r.decision
+        lines.append(f"   decision: {'APPLY' if applied else 'KEEP'}: {why}")
         p = r.proof
         ff = "; ".join(f"{x['dims']}: {'ok' if x['ok'] else 'FAIL'}" for x in p["finite_field"])
         lines.append(
@@ -73,9 +81,18 @@ def run(args) -> int:
     lines = (
         report_lines(results, errors)
         if args.report
-        else [f"{r.subgraph.kind}: gain {r.gain:.2f}x, proved={r.proof['proved']}" for r in results]
+        else [
+            f"{r.subgraph.kind}: gain {r.gain:.2f}x, proved={r.proof['proved']}, "
+            f"{'applied' if r.decision[0] else 'not applied'}"
+            for r in results
+        ]
     )
-    lines.append(f"total {time.monotonic() - t0:.2f}s, {len(results)} subgraph(s) optimised")
+    n_apply = sum(r.decision[0] for r in results)
+    lines.append(
+        f"total {time.monotonic() - t0:.2f}s, {len(results)} subgraph(s) searched, {n_apply} applied "
+        "(predicted gain > 1 and faster than the hand-written body); the megakernel lowering does not read "
+        "found programs yet"
+    )
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -13,8 +13,13 @@ Which constant takes which config key:
 Config keys without a constant in the module are ignored; constants without a config value keep the
 value written in the file.  ``head_dim`` defaults to ``hidden_size / num_attention_heads`` and
 ``num_key_value_heads`` to ``num_attention_heads`` (as in HF).  Tied vs untied output projection is a
-binding matter (``tie_word_embeddings``, see :mod:`mpkir.models.binding`).  Features the operators
-cannot express (non-SiLU MLPs, rope scaling) are refused with the reason.
+binding matter (``tie_word_embeddings``, see :mod:`mpkir.models.binding`).
+
+``rope_scaling`` (or transformers 5's ``rope_parameters``) of ``rope_type`` llama3 (Llama-3.1/3.2)
+becomes attributes of every ``rope`` op (:func:`rope_scaling_attrs`, :func:`set_rope_scaling`):
+``scaling=llama3, factor, low_freq_factor, high_freq_factor, original_max_position``; a module without
+it is unchanged.  Features the operators cannot express (non-SiLU MLPs, other rope scalings) are
+refused with the reason.
 """
 
 from __future__ import annotations
@@ -46,6 +51,61 @@ _ANNOT = re.compile(r"^\s*const\s+([A-Za-z_]\w*)\s*=[^\n]*?//\s*config:\s*([A-Za
 SUPPORTED_ACTS = ("silu", "swish")
 
 
+def _rope_params(config: Mapping[str, Any]) -> dict | None:
+    rs = config.get("rope_scaling") or config.get("rope_parameters")
+    return rs if isinstance(rs, dict) else None
+
+
+def rope_type(config: Mapping[str, Any]) -> str:
+    """The config's rope type: ``default`` when it has no scaling."""
+    rs = _rope_params(config)
+    if rs is None:
+        return "default" if not config.get("rope_scaling") else str(config.get("rope_scaling"))
+    return str(rs.get("rope_type", rs.get("type", "default")) or "default")
+
+
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_scaling_attrs(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The rope op's scaling attributes for a llama3 ``rope_scaling`` (None: no scaling).
+
+    All four llama3 keys are required (as in HF); :func:`unsupported` reports missing ones.
+    """
+    if rope_type(config) != "llama3":
+        return None
+    rs = _rope_params(config) or {}
+    missing = [k for k in LLAMA3_KEYS if k not in rs]
+    if missing:
+        raise MpkError(Diagnostic(f"config.json: rope_scaling of type 'llama3' without {', '.join(missing)}"))
+    return {"scaling": "llama3", "factor": float(rs["factor"]),
+            "low_freq_factor": float(rs["low_freq_factor"]),
+            "high_freq_factor": float(rs["high_freq_factor"]),
+            "original_max_position": int(rs["original_max_position_embeddings"])}
+
+
+def set_rope_scaling(module: ir.Module, attrs: Mapping[str, Any]) -> ir.Module:
+    """A new module whose ``rope`` ops carry these scaling attributes (replacing any they had)."""
+
+    def val(v):
+        return ir.Name(v) if isinstance(v, str) else ir.Num(v)
+
+    def stmts(body):
+        out = []
+        for st in body:
+            if isinstance(st, ir.ForStmt):
+                st = dataclasses.replace(st, body=stmts(st.body))
+            elif isinstance(st, ir.OpStmt) and st.op == "rope":
+                kept = tuple(a for a in st.attrs if a.key not in attrs)
+                st = dataclasses.replace(st, attrs=kept + tuple(ir.Attr(k, val(v)) for k, v in attrs.items()))
+            out.append(st)
+        return tuple(out)
+
+    decls = tuple(dataclasses.replace(d, body=stmts(d.body)) if isinstance(d, ir.GraphDecl) else d
+                  for d in module.decls)
+    return dataclasses.replace(module, decls=decls)
+
+
 def config_values(config: Mapping[str, Any]) -> dict[str, int | float]:
     """The config's model sizes, with HF's defaults for ``head_dim`` and ``num_key_value_heads``."""
     out: dict[str, int | float] = {}
@@ -53,6 +113,9 @@ def config_values(config: Mapping[str, Any]) -> dict[str, int | float]:
         v = config.get(key)
         if v is not None:
             out[key] = v
+    rs = _rope_params(config)
+    if "rope_theta" not in out and rs is not None and rs.get("rope_theta") is not None:
+        out["rope_theta"] = rs["rope_theta"]   # transformers 5 keeps it in rope_parameters
     if "num_attention_heads" in out:
         out.setdefault("num_key_value_heads", out["num_attention_heads"])
         if "hidden_size" in out:
@@ -69,11 +132,15 @@ def unsupported(config: Mapping[str, Any]) -> list[str]:
     act = config.get("hidden_act", config.get("hidden_activation", "silu"))
     if act not in SUPPORTED_ACTS:
         probs.append(f"hidden_act '{act}' (the models use SiLU-gated MLPs)")
-    rs = config.get("rope_scaling")
-    if rs:
-        kind = rs.get("rope_type", rs.get("type", "?")) if isinstance(rs, dict) else rs
-        if kind not in ("default", None):
-            probs.append(f"rope_scaling of type '{kind}' (the rope operator implements plain RoPE only)")
+    kind = rope_type(config)
+    if kind not in ("default", "llama3"):
+        probs.append(f"rope_scaling of type '{kind}' (the rope operator implements plain and llama3 RoPE)")
+    elif kind == "llama3":
+        missing = [k for k in LLAMA3_KEYS if k not in (_rope_params(config) or {})]
+        if missing:
+            src = (_rope_params(config) or {}).get("source")
+            probs.append(f"rope_scaling of type 'llama3' without {', '.join(missing)}"
+                         + (f" (from {src}: its table of factors is not read)" if src else ""))
     if config.get("attention_bias") and config.get("model_type") in ("llama", "qwen3"):
         probs.append("attention_bias = true (the models declare no q/k/v biases)")
     return probs
@@ -159,6 +226,9 @@ def apply_config(
     vals = config_values(config)
     setting = {name: vals[key] for name, key in const_map(module, source).items() if key in vals}
     module = set_consts(module, setting)
+    scaling = rope_scaling_attrs(config)
+    if scaling is not None:
+        module = set_rope_scaling(module, scaling)
     if "tie_word_embeddings" in config:
         module = bind_output(module, bool(config["tie_word_embeddings"]))
     return module

@@ -26,7 +26,9 @@ class ReferenceModel:
         self.Hkv = int(c.get("num_key_value_heads") or self.Hq)
         self.D = int(c.get("head_dim") or int(c["hidden_size"]) // self.Hq)
         self.eps = float(c.get("rms_norm_eps", 1e-6))
-        self.theta = float(c.get("rope_theta", 10000.0))
+        rs = c.get("rope_scaling") or c.get("rope_parameters") or {}
+        self.theta = float(c.get("rope_theta", rs.get("rope_theta", 10000.0)))
+        self.rope_scaling = rs if rs.get("rope_type", rs.get("type")) == "llama3" else None
 
         def get(name):
             return np.asarray(weights[name]).astype(self.dt)
@@ -44,6 +46,14 @@ class ReferenceModel:
         """Rotate-half RoPE: x [T, H, D], pos [T]."""
         d = self.D
         inv = 1.0 / (self.theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        if self.rope_scaling is not None:  # Llama-3.1 "llama3" frequency scaling (HF's definition)
+            rs = self.rope_scaling
+            factor, lo, hi = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+            old = float(rs["original_max_position_embeddings"])
+            wavelen = 2 * np.pi / inv
+            smooth = (old / wavelen - lo) / (hi - lo)
+            medium = (1 - smooth) * inv / factor + smooth * inv
+            inv = np.where(wavelen < old / hi, inv, np.where(wavelen > old / lo, inv / factor, medium))
         ang = np.asarray(pos, dtype=np.float64)[:, None] * inv[None, :]
         cos = np.concatenate([np.cos(ang), np.cos(ang)], -1)[:, None, :].astype(self.dt)
         sin = np.concatenate([np.sin(ang), np.sin(ang)], -1)[:, None, :].astype(self.dt)

@@ -14,8 +14,10 @@ from mpkir.ir import TensorType
 from mpkir.ops.base import AttrSpec, OpDef, ShapeError, expect_float, expect_int, expect_rank, same_dim
 from mpkir.ops.common import f64, out32
 
-
 # ---- rope
+ROPE_SCALINGS = ("none", "llama3")
+
+
 def _rope_infer(ts, attrs):
     x, pos = ts
     expect_float(x, 0, "rope input")
@@ -33,17 +35,60 @@ def _rope_infer(ts, attrs):
                          attr="rotary_dim")
     if attrs.get("theta", 10000.0) <= 0:
         raise ShapeError("rope: theta must be positive", attr="theta")
+    if attrs.get("scaling", "none") == "llama3":
+        if attrs.get("factor", 1.0) <= 0:
+            raise ShapeError(f"rope: scaling factor must be positive, got {attrs.get('factor')}",
+                             attr="factor")
+        lo, hi = attrs.get("low_freq_factor", 1.0), attrs.get("high_freq_factor", 4.0)
+        if not 0 < lo < hi:
+            raise ShapeError(f"rope: llama3 scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                             f"{lo} and {hi}", attr="high_freq_factor" if lo > 0 else "low_freq_factor")
+        if attrs.get("original_max_position", 8192) <= 0:
+            raise ShapeError("rope: original_max_position must be positive", attr="original_max_position")
     return (x,)
 
 
-def rope_tables(positions, rd: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin, [T, rd/2] float64, of the angles pos · θ^(-2i/rd) formed in float32.
+def rope_inv_freq(rd: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_position: int = 8192) -> np.ndarray:
+    """The inverse frequencies θ^(-2i/rd), i < rd/2, as float64, with the rope op's scaling applied.
 
-    inv_freq[i] = float32(θ^(-2i/rd)) (computed in float64, rounded once); angle = float32(pos) ·
-    inv_freq in float32 (as HuggingFace does); cos/sin are taken in float64 of that float32 angle.
+    ``scaling="llama3"`` (Llama-3.1/3.2 ``rope_scaling``): with wavelength λ = 2π / f,
+    low_λ = original_max_position / low_freq_factor and high_λ = original_max_position / high_freq_factor,
+    frequencies with λ > low_λ are divided by ``factor``, those with λ < high_λ are kept, and those in
+    between are interpolated: s = (original_max_position / λ - low) / (high - low),
+    f' = (1 - s) · f / factor + s · f.  ``factor == 1`` is exactly no scaling.  The rope op and every
+    backend round these to float32 once (see :func:`rope_tables`).
     """
     i = np.arange(rd // 2, dtype=np.float64)
-    inv_freq = (1.0 / theta ** (2.0 * i / rd)).astype(np.float32)
+    inv = 1.0 / theta ** (2.0 * i / rd)
+    if scaling == "none" or factor == 1.0:
+        return inv
+    if scaling != "llama3":
+        raise ValueError(f"unknown rope scaling {scaling!r} (known: {', '.join(ROPE_SCALINGS)})")
+    old = float(original_max_position)
+    low_wl, high_wl = old / low_freq_factor, old / high_freq_factor
+    wl = 2.0 * np.pi / inv
+    scaled = np.where(wl > low_wl, inv / factor, inv)
+    smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled
+    medium = (wl >= high_wl) & (wl <= low_wl)
+    return np.where(medium, smoothed, scaled)
+
+
+def rope_scaling_attrs(attrs) -> dict:
+    """The scaling keyword arguments of :func:`rope_inv_freq` from resolved rope attributes."""
+    return {k: attrs.get(k, d) for k, d in (("scaling", "none"), ("factor", 1.0), ("low_freq_factor", 1.0),
+                                            ("high_freq_factor", 4.0), ("original_max_position", 8192))}
+
+
+def rope_tables(positions, rd: int, theta: float, **scaling) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, [T, rd/2] float64, of the angles pos · inv_freq formed in float32.
+
+    inv_freq = float32(:func:`rope_inv_freq`) (computed in float64, rounded once); angle = float32(pos) ·
+    inv_freq in float32 (as HuggingFace does); cos/sin are taken in float64 of that float32 angle.
+    """
+    inv_freq = rope_inv_freq(rd, theta, **scaling).astype(np.float32)
     ang = np.asarray(positions).astype(np.float32)[:, None] * inv_freq[None, :]
     ang = ang.astype(np.float64)
     return np.cos(ang), np.sin(ang)
@@ -53,7 +98,7 @@ def _rope_ref(xs, attrs, ctx):
     x = f64(xs[0])
     d = x.shape[-1]
     rd = attrs.get("rotary_dim", 0) or d
-    cos, sin = rope_tables(xs[1], rd, attrs.get("theta", 10000.0))
+    cos, sin = rope_tables(xs[1], rd, attrs.get("theta", 10000.0), **rope_scaling_attrs(attrs))
     cos, sin = cos[:, None, :], sin[:, None, :]
     out = x.copy()
     h = rd // 2
@@ -73,10 +118,19 @@ ROPE = OpDef(
     (AttrSpec("theta", "float", 10000.0),
      AttrSpec("style", "enum", "neox", ("neox", "interleaved"),
               "neox: pairs (i, i + rd/2) (rotate-half, Llama/Qwen); interleaved: pairs (2i, 2i+1) (GPT-J)"),
-     AttrSpec("rotary_dim", "int", 0, doc="leading dims of each head that rotate; 0 = all")),
+     AttrSpec("rotary_dim", "int", 0, doc="leading dims of each head that rotate; 0 = all"),
+     AttrSpec("scaling", "enum", "none", ROPE_SCALINGS,
+              "frequency scaling: none, or llama3 (Llama-3.1/3.2 rope_scaling, rope_type llama3)"),
+     AttrSpec("factor", "float", 1.0, doc="llama3: low frequencies are divided by factor; 1 = no scaling"),
+     AttrSpec("low_freq_factor", "float", 1.0, doc="llama3: wavelengths above original_max_position / "
+              "low_freq_factor are scaled"),
+     AttrSpec("high_freq_factor", "float", 4.0, doc="llama3: wavelengths below original_max_position / "
+              "high_freq_factor are kept"),
+     AttrSpec("original_max_position", "int", 8192,
+              doc="llama3: original_max_position_embeddings of the pretrained model")),
     _rope_infer, _rope_ref,
     "rotary position embedding of x [tokens, heads, head_dim] at positions [tokens]: pair (a, b) with "
-    "frequency θ^(-2i/rd) → (a·cos − b·sin, b·cos + a·sin)")
+    "frequency θ^(-2i/rd) (llama3-scaled when scaling=llama3) → (a·cos − b·sin, b·cos + a·sin)")
 
 
 # ---- shared attention core

@@ -1,4 +1,5 @@
-"""Dense and elementwise operators: linear, matmul, add, mul, silu, gelu, silu_mul, softmax, cast, allreduce.
+"""Dense and elementwise operators (linear, matmul, add, mul, silu, gelu, silu_mul, softmax, cast) and the
+collectives (allreduce, allgather, allreduce_argmax).
 
 Products and sums run in float64 and are rounded to float32 once (see :mod:`mpkir.ops.common`): a
 linear's output row or column block computed alone (a tile, a split-K partial sum added in float64)
@@ -6,6 +7,10 @@ gives the same float32 bits as the whole op.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -204,8 +209,101 @@ CAST = OpDef("cast", ("x",), (AttrSpec("dtype", "dtype"),), _cast_infer, _cast_r
              "x converted to dtype (float → int truncates toward zero)")
 
 
-# ---- allreduce
-ALLREDUCE = OpDef("allreduce", ("x",), (), lambda ts, at: (ts[0],), lambda xs, at, c: (np.asarray(xs[0]),),
-                  "sum over tensor-parallel ranks (identity on one GPU)")
+# ---- collectives (tensor parallel).  On one GPU each is its single-rank case; ``combine`` gives the
+# cross-rank meaning that the N-GPU simulator (runtime/multi_sim.py) and the CUDA tasks implement.
 
-OPS = (LINEAR, MATMUL, ADD, MUL, SILU, GELU, SILU_MUL, SOFTMAX, CAST, ALLREDUCE)
+
+@dataclass(frozen=True)
+class CollectiveDef(OpDef):
+    """A collective operator: ``combine(per_rank_operands, per_rank_attrs)`` is every rank's result when
+    rank r holds operands ``per_rank_operands[r]``; the single-GPU reference is ``combine`` of one rank."""
+
+    combine: Callable[[Sequence[Sequence[np.ndarray]], Sequence[Mapping[str, Any]]], tuple[np.ndarray, ...]] \
+        = field(default=lambda xs, attrs: tuple(xs[0]))
+
+
+def allreduce_combine(xs, attrs):
+    """Sum over ranks in float32, in rank order (acc = x0; acc += x1; ...): every rank gets the same bits."""
+    acc = f32(xs[0][0]).copy()
+    for r in range(1, len(xs)):
+        acc = acc + f32(xs[r][0])
+    return (acc,)
+
+
+ALLREDUCE = CollectiveDef(
+    "allreduce", ("x",), (), lambda ts, at: (ts[0],), lambda xs, at, c: allreduce_combine([xs], [at]),
+    "sum over tensor-parallel ranks in float32, rank order 0..N-1 (identity on one GPU)",
+    combine=allreduce_combine)
+
+
+def _allgather_infer(ts, attrs):
+    x = ts[0]
+    if x.rank < 1:
+        raise ShapeError(f"allgather input must have rank >= 1, got {x}", 0)
+    ax = norm_axis(attrs.get("axis", -1), x.rank, "allgather")
+    parts = attrs["parts"]
+    if parts < 1:
+        raise ShapeError(f"allgather: parts must be at least 1, got {parts}", attr="parts")
+    d = x.shape[ax]
+    if isinstance(d, str) and parts != 1:
+        raise ShapeError(f"allgather: axis {ax} of {x} is the symbolic dim '{d}'; gather a fixed dim", 0)
+    shape = list(x.shape)
+    shape[ax] = d if parts == 1 else d * parts
+    return (TensorType(x.dtype, tuple(shape)),)
+
+
+def allgather_combine(xs, attrs):
+    """Rank slices concatenated along ``axis`` in rank order."""
+    ax = attrs[0].get("axis", -1)
+    return (np.concatenate([np.asarray(x[0]) for x in xs], axis=ax),)
+
+
+ALLGATHER = CollectiveDef(
+    "allgather", ("x",), (AttrSpec("axis", "int", -1), AttrSpec("parts", "int", 1, doc="number of ranks")),
+    _allgather_infer, lambda xs, at, c: allgather_combine([xs], [at]),
+    "the ranks' x concatenated along axis in rank order (parts = ranks; identity on one GPU)",
+    combine=allgather_combine)
+
+
+def _argmax_ar_infer(ts, attrs):
+    x = ts[0]
+    expect_float(x, 0, "allreduce_argmax input")
+    if x.rank < 1:
+        raise ShapeError(f"allreduce_argmax input must have rank >= 1, got {x}", 0)
+    if attrs.get("offset", 0) < 0:
+        raise ShapeError(f"allreduce_argmax: offset must not be negative, got {attrs['offset']}",
+                         attr="offset")
+    return (TensorType(DType.i32, x.shape[:-1]),)
+
+
+def argmax_partial(x, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """One rank's (max value as float32, global index = local first-max index + offset) per row."""
+    x64 = f64(x)
+    idx = np.argmax(x64, axis=-1)
+    return f32(np.take_along_axis(x64, idx[..., None], axis=-1)[..., 0]), (idx + offset).astype(np.int32)
+
+
+def argmax_merge(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Merge per-rank (max, index) pairs in rank order: a strictly larger max wins, so ties keep the lower
+    rank, i.e. the lowest global index (NumPy's first-occurrence argmax over the whole axis)."""
+    best, idx = (np.array(a, copy=True) for a in pairs[0])
+    for m, i in pairs[1:]:
+        take = m > best
+        best = np.where(take, m, best)
+        idx = np.where(take, i, idx)
+    return idx.astype(np.int32)
+
+
+def argmax_ar_combine(xs, attrs):
+    return (argmax_merge([argmax_partial(x[0], a.get("offset", 0)) for x, a in zip(xs, attrs, strict=True)]),)
+
+
+ALLREDUCE_ARGMAX = CollectiveDef(
+    "allreduce_argmax", ("x",),
+    (AttrSpec("offset", "int", 0, doc="global index of this rank's first column"),),
+    _argmax_ar_infer, lambda xs, at, c: argmax_ar_combine([xs], [at]),
+    "argmax over the last axis when each rank holds a slice of it (vocabulary-parallel lm_head): per-rank "
+    "(max, index + offset) pairs merged across ranks, ties to the lowest index; i32",
+    combine=argmax_ar_combine)
+
+OPS = (LINEAR, MATMUL, ADD, MUL, SILU, GELU, SILU_MUL, SOFTMAX, CAST, ALLREDUCE, ALLGATHER, ALLREDUCE_ARGMAX)

@@ -74,7 +74,7 @@ class Program:
     accs: tuple[Op, ...]
     epilogue: tuple[Op, ...]
     outputs: tuple[Output, ...]
-    threads: int = field(default=128)
+    threads: int = field(default=512)  # the megakernel's fixed CTA size (MK_NT)
 
     @property
     def ntasks(self) -> int:
@@ -182,7 +182,7 @@ class _T(Transformer):
 
     def program(self, c):
         name, grid, loop, *rest = c
-        threads = 128
+        threads = 512
         if rest and not isinstance(rest[0], (Input, Output, tuple)):
             threads, rest = int(rest[0]), rest[1:]
         ins = tuple(x for x in rest if isinstance(x, Input))

@@ -14,7 +14,7 @@ import itertools
 
 import numpy as np
 
-from mpkir.passes.superopt.domains import Field, Symbolic, Untestable
+from mpkir.passes.superopt.domains import Field, P, Q, Symbolic, Untestable
 
 _P = 2_147_483_647
 
@@ -185,7 +185,15 @@ def ff_equal(run_a, run_b, make_inputs, trials: int = 3, seed: int = 0) -> tuple
                 np.array_equal(np.broadcast_to(x.p, x.shape), np.broadcast_to(y.p, y.shape))
                 and np.array_equal(np.broadcast_to(x.q, x.shape), np.broadcast_to(y.q, y.shape))
             ):
-                return False, f"output {k} differs in trial {t}"
+                if x.shape != y.shape:
+                    return False, f"output {k}: shape {x.shape} vs {y.shape} (trial {t})"
+                xp, yp = np.broadcast_to(x.p, x.shape), np.broadcast_to(y.p, y.shape)
+                xq, yq = np.broadcast_to(x.q, x.shape), np.broadcast_to(y.q, y.shape)
+                at = tuple(int(i) for i in np.argwhere((xp != yp) | (xq != yq))[0])
+                return False, (
+                    f"counterexample: output {k}{list(at)} = ({xp[at]}, {xq[at]}) vs ({yp[at]}, {yq[at]}) in "
+                    f"Z_{P}xZ_{Q} on the inputs of seed {seed * 1000 + t}, trial {t}"
+                )
     return True, f"{trials} finite-field trials (p=2097143, q=1048571)"
 
 
@@ -204,14 +212,25 @@ def z3_equal(run_a, run_b, make_inputs, timeout_ms: int = 20000) -> tuple[str, s
         if x.shape != y.shape:
             return "refuted", f"output {k}: shape {x.shape} vs {y.shape}"
         eqs += [xa == yb for xa, yb in zip(x.ravel(), y.ravel(), strict=True)]
-    s = z3.Solver()
-    s.set("timeout", timeout_ms)
-    s.add(*dom.axioms)
-    s.add(z3.Not(z3.And(*eqs)))
-    r = s.check()
-    if r == z3.unsat:
-        return "proved", f"Z3: unsat of the negation over {len(eqs)} symbolic outputs"
-    if r == z3.sat:
-        m = s.model()
-        return "refuted", "counterexample: " + ", ".join(f"{d}={m[d]}" for d in list(m.decls())[:8])
-    return "unknown", "Z3: unknown"
+    # a small portfolio: Z3's default solver on nonlinear real arithmetic is sensitive to term order (what
+    # earlier queries left in the shared context) and may give up where another strategy answers at once
+    attempts = (
+        ("simplify+solve-eqs", lambda: z3.Then("simplify", "propagate-values", "solve-eqs", "smt").solver()),
+        ("default", z3.Solver),
+        ("QF_UFNRA", lambda: z3.SolverFor("QF_UFNRA")),
+        ("default, seed 7", z3.Solver),
+    )
+    for name, make in attempts:
+        s = make()
+        s.set("timeout", max(1000, timeout_ms // len(attempts)))
+        if name.endswith("seed 7"):
+            s.set("random_seed", 7)
+        s.add(*dom.axioms)
+        s.add(z3.Not(z3.And(*eqs)))
+        r = s.check()
+        if r == z3.unsat:
+            return "proved", f"Z3 ({name}): unsat of the negation over {len(eqs)} symbolic outputs"
+        if r == z3.sat:
+            m = s.model()
+            return "refuted", "counterexample: " + ", ".join(f"{d}={m[d]}" for d in list(m.decls())[:8])
+    return "unknown", "Z3: unknown (every strategy gave up)"

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpkir.passes.superopt import interp
+from mpkir.passes.superopt.cuda import SMEM_LIMIT, emit_bodies
 from mpkir.passes.superopt.domains import Field
 from mpkir.passes.superopt.program import Fused, Input, Op, Output, Program, parse_fused, print_fused
 from mpkir.passes.superopt.prove import Abstract, ff_equal, z3_equal
 from mpkir.passes.superopt.targets import Subgraph, inputs_of, output_shape, target
 
-VERSION = "superopt-1"
+VERSION = "superopt-6"
 ARITY = {
     "exp": 1,
     "silu": 1,
@@ -68,10 +69,25 @@ class Result:
     alternatives: int = 0
     cached: bool = False
     notes: list = field(default_factory=list)
+    handwritten: dict = field(default_factory=dict)  # the megakernel's own body, on the same cost model
 
     @property
     def gain(self) -> float:
         return self.baseline["time_ns"] / max(self.cost["time_ns"], 1e-9)
+
+    @property
+    def decision(self) -> tuple[bool, str]:
+        """(apply the found program?, why): only a predicted win over both the unfused ops and the
+        hand-written body is applied; a loss or a tie keeps what exists."""
+        if self.gain <= 1.0:
+            return False, f"predicted gain {self.gain:.2f}x <= 1 over the unfused ops: not applied"
+        hw = self.handwritten.get("time_ns")
+        if hw is not None and self.cost["time_ns"] >= hw:
+            return False, (
+                f"hand-written {self.handwritten['body']} predicted {hw / 1000:.1f} us <= found "
+                f"{self.cost['time_ns'] / 1000:.1f} us: hand-written kept"
+            )
+        return True, f"predicted gain {self.gain:.2f}x, beats the hand-written body: applied"
 
 
 # ------------------------------------------------------------------ cost model
@@ -84,6 +100,9 @@ class GpuSpec:
     peak: float = 800e12
     task_ns: float = 1500.0
     sync_ns: float = 20.0
+    sm_bw_share: float = 3.0  # one SM streams at most this many times its fair share of HBM bandwidth
+    l2_bytes: int = 50 << 20
+    l2_speedup: float = 2.5  # L2 hit bandwidth / HBM bandwidth
 
 
 def gpu_spec(name: str = "h100") -> GpuSpec:
@@ -91,7 +110,9 @@ def gpu_spec(name: str = "h100") -> GpuSpec:
         from mpkir.passes.tasks.gpus import get_gpu
 
         g = get_gpu(name)
-        return GpuSpec(g.name, g.sms, g.smem_per_sm, g.bandwidth, g.peak_flops, g.task_overhead_ns)
+        return GpuSpec(
+            g.name, g.sms, g.smem_per_sm, g.bandwidth, g.peak_flops, g.task_overhead_ns, l2_bytes=g.l2_bytes
+        )
     except Exception:
         return GpuSpec()
 
@@ -101,9 +122,10 @@ def _numel(s):
 
 
 def cost(f: Fused, gpu: GpuSpec, elt: int = 2) -> dict:
-    """HBM bytes, FLOPs, smem, syncs and predicted ns of a fused program (replicated inputs are read by
-    every block that uses them)."""
-    total = dict(bytes=0, flops=0, smem=0, syncs=0, time_ns=0.0, tasks=0)
+    """HBM bytes, FLOPs, smem, syncs and predicted ns of a fused program.  An input tile read by several
+    tasks (grid axes that do not split it) comes from HBM once and from L2 afterwards when the input fits
+    in a quarter of L2; otherwise every task reads it from HBM."""
+    total = dict(bytes=0, l2_bytes=0, flops=0, smem=0, syncs=0, time_ns=0.0, tasks=0)
     for p in f.programs:
         tiles = {}
         for i in p.inputs:
@@ -114,7 +136,14 @@ def cost(f: Fused, gpu: GpuSpec, elt: int = 2) -> dict:
             if i.fmap >= 0:
                 s[i.fmap] //= p.loop
             tiles[i.name] = tuple(s)
-        per_task_bytes = sum(_numel(t) for t in tiles.values()) * p.loop * elt
+        hbm = l2 = 0.0
+        for i in p.inputs:
+            b = _numel(tiles[i.name]) * p.loop * elt
+            reuse = _numel([g for g, d in zip(p.grid, i.imap, strict=True) if d < 0])
+            if reuse > 1 and _numel(i.shape) * elt * 4 <= gpu.l2_bytes:
+                hbm, l2 = hbm + b / reuse, l2 + b * (1 - 1 / reuse)
+            else:
+                hbm += b
         out_bytes = sum(_numel(o.shape) for o in p.outputs) * elt
         fl = 0
         shapes = dict(tiles)
@@ -135,10 +164,12 @@ def cost(f: Fused, gpu: GpuSpec, elt: int = 2) -> dict:
         syncs = (len(p.body) + len(p.accs)) * p.loop + len(p.epilogue)
         n = p.ntasks
         waves = math.ceil(n / gpu.sms)
-        share = gpu.bandwidth / max(1, min(n, gpu.sms))
-        t = waves * max(per_task_bytes / share * 1e9, fl / (gpu.peak / gpu.sms) * 1e9) + syncs * gpu.sync_ns
+        share = min(gpu.bandwidth / max(1, min(n, gpu.sms)), gpu.sm_bw_share * gpu.bandwidth / gpu.sms)
+        mem = (hbm + l2 / gpu.l2_speedup) / share * 1e9
+        t = waves * max(mem, fl / (gpu.peak / gpu.sms) * 1e9) + syncs * gpu.sync_ns
         t += waves * gpu.task_ns + out_bytes / gpu.bandwidth * 1e9
-        total["bytes"] += per_task_bytes * n + out_bytes
+        total["bytes"] += int(hbm * n) + out_bytes
+        total["l2_bytes"] += int(l2 * n)
         total["flops"] += fl * n
         total["smem"] = max(total["smem"], smem)
         total["syncs"] += syncs
@@ -314,6 +345,24 @@ def dfs(sg_small: Subgraph, max_body=4, max_epi=2, max_states=20000, deadline=No
     return found, stats
 
 
+_DFS_DONE: dict = {}  # (kind, small dims, consts, max_states) -> (structures, stats): a pure function's memo
+
+
+def _dfs_memo(small: Subgraph, max_states: int, deadline):
+    """:func:`dfs` at the small proof size depends only on the kind, the small dims and the constants, so
+    every subgraph of a kind (e.g. each linear after a norm) shares one search.  Only searches that were
+    not cut by the wall-clock deadline are memoised (the result stays deterministic)."""
+    key = (small.kind, small.dims, small.consts, max_states)
+    if key in _DFS_DONE:
+        structures, st = _DFS_DONE[key]
+        return structures, Stats(**{**st.__dict__, "seconds": 0.0})
+    t0 = time.monotonic()
+    structures, stats = dfs(small, max_states=max_states, deadline=deadline)
+    if deadline is None or time.monotonic() < deadline or stats.explored >= max_states:
+        _DFS_DONE[key] = (structures, Stats(**{**stats.__dict__, "seconds": time.monotonic() - t0}))
+    return structures, stats
+
+
 def abstract_of(prog: Program, ab: Abstract):
     """The abstract expression of a one-block program's output ``y`` (regions in order)."""
     env = {i.name: ab.atom(i.name) for i in prog.inputs}
@@ -383,6 +432,48 @@ def _divisors(n, options):
     return [d for d in options if d >= 1 and n % d == 0]
 
 
+def handwritten(sg: Subgraph, gpu: GpuSpec) -> dict:
+    """The megakernel's hand-written body for this subgraph (``codegen/mk_tasks.cuh``, tiles chosen as in
+    ``codegen/lower.py``) written as the equivalent block program and costed on the same model."""
+    t = target(sg)
+    ins = inputs_of(sg)
+    if sg.kind in ("norm_linear", "act_down"):
+        # mk_linear, prologue mode 1 (rmsnorm) / 2 (silu*up): normalise/activate x first, then the GEMV
+        # over the whole K, R rows of W per task with R*K*2 <= 1 MiB
+        n, k = output_shape(sg)[-1], sg.d("K") if sg.kind == "norm_linear" else sg.d("F")
+        mult = 1
+        while math.ceil(n / (gpu.sms * mult)) * k * 2 > 1 << 20 and math.ceil(n / (gpu.sms * mult)) > 1:
+            mult += 1
+        want = math.ceil(n / math.ceil(n / (gpu.sms * mult)))
+        # lower.py may leave a ragged last tile; a block program splits evenly: the nearest divisor of N
+        grid = min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - want), d))
+        wname = "w" if sg.kind == "norm_linear" else "wd"
+        maps = {nm: ((0,) if nm == wname else (-1,)) for nm in ins}
+        prog = Program(
+            "handwritten",
+            (grid,),
+            1,
+            tuple(Input(nm, sh, maps[nm], -1) for nm, sh in ins.items()),
+            t.body,
+            (),
+            (),
+            (Output("y", output_shape(sg), "%y", (1,)),),
+        )
+        body, f = f"mk_linear mode {1 if sg.kind == 'norm_linear' else 2}, grid({grid})", Fused((prog,))
+    elif sg.kind == "headnorm_rope":
+        body, f = "mk_head_norm_rope, one task per token", headnorm_rope_program(sg, "token")
+    else:
+        splits = max(d for d in _divisors(sg.d("N"), (1, 2, 4, 8, 16)))
+        per = sg.d("N") // splits
+        loop = per // 64 if per % 64 == 0 else 1
+        body, f = (
+            f"mk_attention split-KV S={splits} + mk_attention_merge",
+            attention_program(sg, splits, loop),
+        )
+    c = cost(f, gpu)
+    return {"body": body, **c}
+
+
 def _concretize(sg: Subgraph, structure, grid, loop) -> Fused:
     body, accs, epi, outval = structure
     body = tuple(_resize_op(sg, o) for o in body)
@@ -396,33 +487,40 @@ def _resize_op(sg, o):
     return o
 
 
-def headnorm_rope_program(sg: Subgraph, grid_kind: str) -> Fused:
+def headnorm_rope_layout(sg: Subgraph, ts: int, hs: int, norm_after: bool = False) -> Fused:
+    """Head norm + rope over a (ts × hs) grid of (token, head) blocks (sizes that do not divide fall back to
+    one block).  ``norm_after``: the row factor rsqrt(mean x²+eps) applied after the rope — rope is linear
+    per row, so the scalar commutes with it (a rewrite; verified like every candidate)."""
     t = target(sg)
-    gi = {
-        "token_head": (
-            (sg.d("T"), sg.d("Hh")),
-            {"x": (0, 1), "g": (-1, -1), "cos": (0, -1), "sin": (0, -1)},
-            (0, 1),
-        ),
-        "token": ((sg.d("T"),), {"x": (0,), "g": (-1,), "cos": (0,), "sin": (0,)}, (0,)),
-        "head": ((sg.d("Hh"),), {"x": (1,), "g": (-1,), "cos": (-1,), "sin": (-1,)}, (1,)),
-    }[grid_kind]
-    grid, imaps, omap = gi
+    ts = ts if sg.d("T") % ts == 0 else 1
+    hs = hs if sg.d("Hh") % hs == 0 else 1
+    imaps = {"x": (0, 1), "g": (-1, -1), "cos": (0, -1), "sin": (0, -1)}
     ins = tuple(Input(i.name, i.shape, imaps[i.name], -1) for i in t.inputs)
-    return Fused(
-        (
-            Program(
-                f"headnorm_rope_{grid_kind}",
-                grid,
-                1,
-                ins,
-                t.body,
-                (),
-                (),
-                (Output("y", output_shape(sg), "%y", omap),),
-            ),
+    body = t.body
+    if norm_after:
+        ops = {o.results[0]: o for o in t.body}
+        body = (
+            ops["s"],
+            ops["ss"],
+            ops["r"],
+            Op(("xg",), "mul", ("x", "g")),
+            ops["c"],
+            ops["rh"],
+            ops["sr"],
+            Op(("y0",), "add", ("%c", "%sr")),
+            Op(("y",), "mul", ("%y0", "%r")),
         )
-    )
+    name = f"headnorm_rope_{ts}x{hs}" + ("_normafter" if norm_after else "")
+    prog = Program(name, (ts, hs), 1, ins, body, (), (), (Output("y", output_shape(sg), "%y", (0, 1)),))
+    return Fused((prog,))
+
+
+def headnorm_rope_program(sg: Subgraph, grid_kind: str) -> Fused:
+    """The three classic layouts: a task per (token, head), per token, or per head."""
+    ts, hs = {"token_head": (sg.d("T"), sg.d("Hh")), "token": (sg.d("T"), 1), "head": (1, sg.d("Hh"))}[
+        grid_kind
+    ]
+    return headnorm_rope_layout(sg, ts, hs)
 
 
 def attention_program(sg: Subgraph, splits: int, loop: int, rescale: bool = True) -> Fused:
@@ -532,12 +630,12 @@ def search(
     stats = Stats()
     if sg.kind in _MAPS:
         small = sg.resized(**_SMALL[sg.kind])
-        structures, stats = dfs(small, max_states=max_states, deadline=deadline)
+        structures, stats = _dfs_memo(small, max_states, deadline)
         red = "K" if sg.kind == "norm_linear" else "F"
         n_out = output_shape(sg)[-1]
         for si, st in enumerate(structures):
             for grid in [d for d in range(8, 4097) if n_out % d == 0][:48] or [1]:
-                for tile in (8, 16, 32, 64, 128, 192):
+                for tile in (8, 16, 32, 64, 128, 192, 256, 512, 1024):
                     if sg.d(red) % tile == 0:
                         loop = sg.d(red) // tile
                         cands.append(
@@ -552,9 +650,18 @@ def search(
                             )
                         )
     elif sg.kind == "headnorm_rope":
-        for gk in ("token_head", "token", "head"):
-            stats.explored += 1
-            cands.append((f"grid {gk}", lambda g, gk=gk: headnorm_rope_program(g, gk)))
+        # every (token blocks × head blocks) grid, with the norm factor before or after the rope
+        for ts in _divisors(sg.d("T"), range(1, sg.d("T") + 1)):
+            for hs in _divisors(sg.d("Hh"), range(1, sg.d("Hh") + 1)):
+                for after in (False, True):
+                    stats.explored += 1
+                    cands.append(
+                        (
+                            f"grid ({ts} token x {hs} head blocks), norm "
+                            f"{'after' if after else 'before'} rope",
+                            lambda g, ts=ts, hs=hs, a=after: headnorm_rope_layout(g, ts, hs, a),
+                        )
+                    )
     elif sg.kind == "decode_attention":
         for splits in _divisors(sg.d("N"), (1, 2, 4, 8, 16, 32, 64)):
             for tile in (32, 64, 128):
@@ -577,6 +684,9 @@ def search(
         try:
             f = make(sg)
             c = cost(f, gpu)
+            if c["fits_smem"]:  # the emitted task body's exact dynamic shared memory
+                c["smem"] = max(b.smem_bytes for b in emit_bodies(f))
+                c["fits_smem"] = c["smem"] <= min(gpu.smem, SMEM_LIMIT)
         except Exception:
             stats.pruned += 1
             continue
@@ -586,9 +696,13 @@ def search(
         ranked.append((c["time_ns"], desc, make, f, c))
     ranked.sort(key=lambda r: (r[0], r[1]))
     base = baseline_cost(sg, gpu)
+    proofs: dict[str, dict] = {}  # candidates that coincide at the proof sizes share one proof
     for _t, desc, make, f, c in ranked:
         small = _SMALL[sg.kind]
-        proof = verify(sg, make, [small], _TINY_Z3[sg.kind])
+        key = print_fused(make(sg.resized(**small))) + print_fused(make(sg.resized(**_TINY_Z3[sg.kind])))
+        if key not in proofs:
+            proofs[key] = verify(sg, make, [small], _TINY_Z3[sg.kind])
+        proof = json.loads(json.dumps(proofs[key]))
         if not proof["proved"]:
             stats.pruned += 1
             continue
@@ -605,7 +719,17 @@ def search(
             continue
         proof["float64_rel_err"] = _float_check(sg, f)
         stats.seconds = time.monotonic() - t0
-        return Result(sg, f, c, base, proof, stats, alternatives=len(ranked), notes=[desc])
+        return Result(
+            sg,
+            f,
+            c,
+            base,
+            proof,
+            stats,
+            alternatives=len(ranked),
+            notes=[desc],
+            handwritten=handwritten(sg, gpu),
+        )
     raise LookupError(f"no verified program for {sg.kind}")
 
 
@@ -658,6 +782,7 @@ def cached_search(
             d["alternatives"],
             True,
             d["notes"],
+            d.get("handwritten") or handwritten(sg, gpu),
         )
     r = search(sg, gpu, seed, budget_s, max_states)
     os.makedirs(cache_dir, exist_ok=True)
@@ -669,6 +794,7 @@ def cached_search(
         "stats": r.stats.__dict__,
         "alternatives": r.alternatives,
         "notes": r.notes,
+        "handwritten": r.handwritten,
     }
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:

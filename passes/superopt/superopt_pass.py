@@ -3,8 +3,10 @@
 IR rewrite (with existing operators, so the result verifies and runs in the interpreter): linears that
 read the same value with distinct weights are merged (rule ``merge-matmuls-sharing-input``):
 ``%m_w = concat(@wq, @wk, @wv, axis=0)``, ``%m = linear(%x, %m_w)``, ``%q, %k, %v = split(%m, ...)``.
-The fused block programs found for each subgraph are kept in the pass's ``found`` log (and the CLI
-report); the task builder does not yet read them (see the superopt report).
+The fused block programs found for each subgraph are searched and cached (the CLI report shows them,
+with the decision: applied only when the predicted gain is > 1 and beats the hand-written body).  Their
+task bodies are emitted by :mod:`mpkir.passes.superopt.cuda`; the megakernel's lowering
+(``codegen/lower.py``) does not read them yet.
 """
 
 from __future__ import annotations

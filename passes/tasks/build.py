@@ -169,15 +169,31 @@ def build_task_graph(module: ir.Module, analysis=None, gpu: str | GPU | None = N
     per_stage: dict[int, int] = defaultdict(int)
     for s in specs:
         per_stage[s.stage] += 1
-    costs = [task_ns(g, s.flops, s.bytes, min(per_stage[s.stage], nw)) for s in specs]
+    cost_memo: dict[tuple, float] = {}   # the layers repeat the same tiles
+
+    def cost(s: TaskSpec) -> float:
+        key = (s.flops, s.bytes, min(per_stage[s.stage], nw))
+        c = cost_memo.get(key)
+        if c is None:
+            c = cost_memo[key] = task_ns(g, *key)
+        return c
+
+    costs = [cost(s) for s in specs]
     worker, makespan, lists = place(costs, preds, after, nw, g.event_latency_ns)
     signals: dict[int, list[int]] = defaultdict(list)
     for e in events:
         for p in e.producers:
             signals[p].append(e.id)
+    attr_memo: dict[int, tuple] = {}   # replayed layers share their attrs dicts
+
+    def task_attrs(a: dict) -> tuple:
+        hit = attr_memo.get(id(a))
+        if hit is None:
+            hit = attr_memo[id(a)] = tuple(sorted((k, v) for k, v in a.items() if not k.startswith("_")))
+        return hit
+
     tasks = tuple(
-        Task(i, s.kind, s.node, s.variant, s.reads, s.writes,
-             tuple(sorted((k, v) for k, v in s.attrs.items() if not k.startswith("_"))),
+        Task(i, s.kind, s.node, s.variant, s.reads, s.writes, task_attrs(s.attrs),
              s.flops, s.bytes, costs[i], wait[i], tuple(signals.get(i, ())), after[i], worker[i])
         for i, s in enumerate(specs))
     t4 = time.perf_counter()
@@ -202,5 +218,5 @@ def build_task_graph(module: ir.Module, analysis=None, gpu: str | GPU | None = N
         model=module.model_name or "", graph=gdecl.name, gpu=g.name, num_workers=nw, tensors=dec.tensors,
         inputs=tuple("%" + p.name for p in gdecl.params), outputs=outputs, tasks=tasks,
         events=tuple(events), end_event=0, placement=Placement(tuple(tuple(w) for w in lists)),
-        edges=tuple((p, c) for c, ps in enumerate(preds) for p in ps), dims=dict(analysis.env.dims),
+        edges=tuple([(p, c) for c, ps in enumerate(preds) for p in ps]), dims=dict(analysis.env.dims),
         stats=stats)

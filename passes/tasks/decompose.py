@@ -9,6 +9,7 @@ task).  Ops without a tiling rule become one task that reads and writes everythi
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -43,10 +44,15 @@ class TaskSpec:
 
 def split_range(n: int, parts: int, quantum: int = 1) -> list[tuple[int, int]]:
     """``parts`` contiguous near-equal ranges covering ``[0, n)``, boundaries on multiples of quantum."""
+    return list(_split_range(n, parts, quantum))
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_range(n: int, parts: int, quantum: int) -> tuple[tuple[int, int], ...]:
     units = -(-n // quantum)
     parts = max(1, min(parts, units))
     cuts = [min(n, ((units * i) // parts) * quantum) for i in range(parts + 1)]
-    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+    return tuple((a, b) for a, b in itertools.pairwise(cuts) if b > a)
 
 
 def _pow2_upto(n: int) -> list[int]:
@@ -98,6 +104,12 @@ class Decomposer:
         self.stage = 0
         self.max_tasks = max_tasks or 2 * gpu.workers
         self.diags: list[Diagnostic] = []
+        # tiling choices memoised per op signature (op, operand/result shapes and dtypes, attrs,
+        # schedule): the layers of a model repeat the same ops, and the choice depends only on these
+        self._memo: dict = {}
+        self._sig = None
+        self._calls = 0
+        self._isz: dict[str, int] = {}
 
     # ------------------------------------------------------------------ tensors
     def shape_of(self, t: ir.TensorType) -> tuple[int, ...]:
@@ -132,7 +144,11 @@ class Decomposer:
         return self.tensors[name].shape
 
     def itemsize(self, name: str) -> int:
-        return ir.DType(self.tensors[name].dtype).itemsize
+        dt = self.tensors[name].dtype
+        n = self._isz.get(dt)
+        if n is None:
+            n = self._isz[dt] = ir.DType(dt).itemsize
+        return n
 
     def storage(self, name: str) -> str:
         while self.tensors[name].base is not None:
@@ -198,7 +214,11 @@ class Decomposer:
             spec.bytes = float(sum(a.numel * self.itemsize(a.tensor) for a in spec.reads + spec.writes))
         ext = ",".join("x".join(str(b - a) for a, b in w.box) for w in spec.writes[:1])
         dts = ",".join(self.tensors[r.tensor].dtype for r in spec.reads)
-        extra = "".join(f",{k}={v}" for k, v in sorted(spec.attrs.items()) if not k.startswith("_"))
+        akey = tuple(spec.attrs.items())
+        extra = self._memo.get(("extra", akey))
+        if extra is None:
+            extra = self._memo[("extra", akey)] = "".join(
+                f",{k}={v}" for k, v in sorted(spec.attrs.items()) if not k.startswith("_"))
         spec.variant = f"{spec.kind}<{ext}|{dts}{extra}>"
         self.specs.append(spec)
 
@@ -208,6 +228,21 @@ class Decomposer:
     # ------------------------------------------------------------------ tiling choice
     def choose(self, s: ir.OpStmt, out_shape, split_dims, tile_cost, sched) -> list[Range]:
         """Pick the split of ``split_dims`` (dim → quantum) minimising the estimated op time."""
+        key = None
+        if self._sig is not None:
+            key = ("choose", self._sig, self._calls, tuple(out_shape), tuple(sorted(split_dims.items())),
+                   tuple(sorted(sched.items())))
+            self._calls += 1
+            hit = self._memo.get(key)
+            if hit is not None:
+                return hit
+        n_diags = len(self.diags)
+        out = self._choose(s, out_shape, split_dims, tile_cost, sched)
+        if key is not None and len(self.diags) == n_diags:
+            self._memo[key] = out
+        return out
+
+    def _choose(self, s: ir.OpStmt, out_shape, split_dims, tile_cost, sched) -> list[Range]:
         opts = []
         dims = [d for d in split_dims if out_shape[d] > 0]
         choices = [_pow2_upto(math.ceil(out_shape[d] / q)) for d, q in ((d, split_dims[d]) for d in dims)]
@@ -262,8 +297,59 @@ class Decomposer:
             fn = self.op_rowwise
         if fn is None:
             fn = self.op_generic
+        own = getattr(Decomposer, fn.__name__, None) is getattr(type(self), fn.__name__, None)
+        names = [*ins, *outs]
+        self._sig = (s.op, tuple((self.shape(t), self.tensors[t].dtype) for t in ins),
+                     tuple((self.shape(t), self.tensors[t].dtype) for t in outs),
+                     tuple(names.index(t) for t in names),  # which operands are the same tensor
+                     repr(sorted(attrs.items()))) if own else None
+        self._calls = 0
+        tkey = None
+        if self._sig is not None and type(self).emit is Decomposer.emit:
+            tkey = ("template", self._sig, tuple(sorted(sched.items())))
+            tmpl = self._memo.get(tkey)
+            if tmpl is not None:   # the same op with the same shapes was decomposed before: rename
+                self._replay(tmpl, ins, outs)
+                self._sig = None
+                self.next_stage()
+                return
+        n_specs, stage0, n_diags, before = len(self.specs), self.stage, len(self.diags), set(self.tensors)
         fn(s, ins, outs, attrs, sched)
+        if tkey is not None and len(self.diags) == n_diags:
+            same: dict[Access, Access] = {}   # equal accesses become one object: replays rename it once
+            for sp in self.specs[n_specs:]:
+                sp.reads = tuple(same.setdefault(a, a) for a in sp.reads)
+                sp.writes = tuple(same.setdefault(a, a) for a in sp.writes)
+            self._memo[tkey] = (tuple(ins), tuple(outs), tuple(self.specs[n_specs:]), stage0,
+                                self.stage - stage0, tuple(self.tensors[t] for t in self.tensors
+                                                           if t not in before and t not in outs))
+        self._sig = None
         self.next_stage()
+
+    def _replay(self, tmpl, ins: list[str], outs: list[str]) -> None:
+        """Emit a recorded op's tasks again with its tensors renamed to ``ins``/``outs`` (same shapes)."""
+        t_ins, t_outs, specs, stage0, n_stages, scratch = tmpl
+        ren = dict(zip(t_ins, ins, strict=True))
+        ren.update(zip(t_outs, outs, strict=True))
+        for t in scratch:  # scratch buffers are named after the op's first result
+            assert t.name.startswith(t_outs[0]), t.name
+            new = outs[0] + t.name[len(t_outs[0]):]
+            ren[t.name] = new
+            self.tensors[new] = Tensor(new, t.dtype, t.shape, t.kind, t.checkpoint, t.base)
+        cache: dict[int, Access] = {}   # by id: the template's accesses live as long as the memo
+
+        def acc(a: Access) -> Access:
+            hit = cache.get(id(a))
+            if hit is None:
+                t = ren.get(a.tensor)
+                hit = cache[id(a)] = a if t is None else Access(t, a.box)
+            return hit
+
+        for sp in specs:
+            self.specs.append(TaskSpec(sp.kind, ren.get(sp.node, sp.node), tuple(map(acc, sp.reads)),
+                                       tuple(map(acc, sp.writes)), sp.attrs, sp.flops, sp.bytes,
+                                       self.stage + sp.stage - stage0, sp.variant))
+        self.stage += n_stages
 
     def op_generic(self, s, ins, outs, attrs, sched):
         reads = tuple(Access(t, full(self.shape(t))) for t in ins)
@@ -398,7 +484,11 @@ class Decomposer:
 
     def op_paged_attention(self, s, ins, outs, attrs, sched):
         """Two stages: ``kv_append`` per KV head (writes the new k/v into the caches), then attention
-        tasks per (token range, KV head range) that read the caches (the cost model picks the split)."""
+        tasks per (token range, KV head range) that read the caches (the cost model picks the split).
+
+        Cache accesses cover the task's KV heads over ALL pages and slots: which physical pages a
+        token (or a split-KV position range) touches is read from the page table at run time, and any
+        page of the pool may be in it, so no smaller static box is sound.  The head range is exact."""
         T, Hq, D = self.shape(ins[0])
         Hkv = self.shape(ins[1])[1]
         G = Hq // Hkv
@@ -484,6 +574,20 @@ class Decomposer:
         rows = x[:-1]
         M = math.prod(rows)
         xs, ws = self.itemsize(ins[0]), self.itemsize(ins[1])
+        key = ("linear", self._sig, tuple(sorted(sched.items())))
+        hit = self._memo.get(key) if self._sig is not None else None
+        if hit is None:
+            n_diags = len(self.diags)
+            hit = self._linear_choice(s, N, K, M, xs, ws, sched)
+            if hit is None:
+                return
+            if self._sig is not None and len(self.diags) == n_diags:
+                self._memo[key] = hit
+        n_tiles, sk = hit
+        self._emit_linear(s, ins, outs, attrs, N, K, rows, M, n_tiles, sk)
+
+    def _linear_choice(self, s, N, K, M, xs, ws, sched) -> tuple[int, int] | None:
+        """``(output tiles, split_k)`` of a linear [M, K] · [N, K]ᵀ (None: an error was reported)."""
         opts = []
         tiles_n = [t for t in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if t <= max(16, N)] or [N]
         splits = [1] + [k for k in (2, 4, 8, 16) if K % k == 0 and K // k >= 128]
@@ -520,10 +624,13 @@ class Decomposer:
                                          f"(N={N}); choose a count between 1 and {N}",
                                          self._sched_loc(s, "tasks")))
             _ = cand
-            return
+            return None
         if "tasks" in sched and not any(o[1] for o in opts):
-            return
+            return None
         _, _, n_tiles, sk = pick(opts)
+        return n_tiles, sk
+
+    def _emit_linear(self, s, ins, outs, attrs, N, K, rows, M, n_tiles, sk) -> None:
         nr, kr = split_range(N, n_tiles), split_range(K, sk)
         rbox = tuple((0, d) for d in rows)
         bias = ins[2] if len(ins) > 2 else None

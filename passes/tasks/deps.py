@@ -3,13 +3,12 @@
 A consumer task depends on exactly the earlier tasks whose written boxes intersect a box it reads
 (read-after-write), plus write-after-write and write-after-read on state tensors (KV caches).  Boxes of
 a view (``reshape``) and of its storage are compared as flat element intervals of the storage; other
-tensors compare boxes directly.  Lookups use a per-stage index sorted along the most selective dim
-(sweep + bisect), never all pairs of tasks.
+tensors compare boxes directly.  Each stage's boxes are tested against earlier stages' boxes of the same
+storage in bulk (NumPy), not task by task in Python.
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 from collections import defaultdict
@@ -42,39 +41,47 @@ def box_to_flat(shape: tuple[int, ...], box: Range) -> list[tuple[int, int]]:
     return out
 
 
-class _Index:
-    """The boxes of one stage on one storage, for intersection queries."""
+def _hits(q: np.ndarray, qt: np.ndarray, w: np.ndarray, wt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All (query owner, indexed owner) pairs whose boxes intersect: q [n, d, 2] vs w [m, d, 2]."""
+    if not len(q) or not len(w):
+        return qt[:0], wt[:0]
+    cs, ct = [], []
+    step = max(1, 4_000_000 // (len(w) * max(1, q.shape[1])))  # bound the [n, m] temporaries
+    for a in range(0, len(q), step):
+        qq = q[a:a + step]
+        hit = np.ones((len(qq), len(w)), dtype=bool)
+        for d in range(q.shape[1]):
+            hit &= (qq[:, None, d, 0] < w[None, :, d, 1]) & (w[None, :, d, 0] < qq[:, None, d, 1])
+        i, j = np.nonzero(hit)
+        cs.append(qt[a:a + step][i])
+        ct.append(wt[j])
+    return np.concatenate(cs), np.concatenate(ct)
 
-    def __init__(self, boxes: list[tuple[Range, int]]):
-        ndim = len(boxes[0][0])
-        arr = np.array([b for b, _ in boxes], dtype=np.int64).reshape(len(boxes), ndim, 2)
-        self.tids = np.array([t for _, t in boxes], dtype=np.int64)
-        self.d = max(range(ndim), key=lambda d: len(set(map(tuple, arr[:, d, :].tolist())))) if ndim else 0
-        order = np.argsort(arr[:, self.d, 0], kind="stable") if ndim else np.arange(len(boxes))
-        self.arr = arr[order]
-        self.tids = self.tids[order]
-        self.starts = self.arr[:, self.d, 0].tolist() if ndim else []
-        stops = self.arr[:, self.d, 1] if ndim else np.zeros(0)
-        self.maxstop = np.maximum.accumulate(stops).tolist() if len(stops) else []
 
-    def query(self, box: Range) -> np.ndarray:
-        if not box:
-            return self.tids
-        qa, qb = box[self.d]
-        hi = bisect.bisect_left(self.starts, qb)          # boxes with start < qb
-        lo = bisect.bisect_right(self.maxstop, qa)        # first box whose running max stop > qa
-        if lo >= hi:
-            return self.tids[:0]
-        sub = self.arr[lo:hi]
-        q = np.array(box, dtype=np.int64)
-        hit = np.all((sub[:, :, 0] < q[:, 1]) & (q[:, 0] < sub[:, :, 1]), axis=1)
-        return self.tids[lo:hi][hit]
+class _Boxes:
+    """Boxes (one storage, one rank) with their task ids, gathered then frozen into arrays."""
+
+    __slots__ = ("arr", "boxes", "tarr", "tids")
+
+    def __init__(self):
+        self.boxes: list = []
+        self.tids: list[int] = []
+        self.arr = self.tarr = None
+
+    def freeze(self) -> _Boxes:
+        if self.arr is None:
+            ndim = len(self.boxes[0]) if self.boxes else 0
+            self.arr = np.array(self.boxes, dtype=np.int64).reshape(len(self.boxes), ndim, 2)
+            self.tarr = np.array(self.tids, dtype=np.int64)
+        return self
 
 
 def dependency_preds(specs, tensors: dict[str, Tensor]) -> list[tuple[int, ...]]:
     """For each task spec (id = position), the sorted ids of the earlier tasks it depends on.
 
-    Tasks with the same accesses share one tuple object (the later passes memoise on it).
+    Tasks with the same predecessor set share one tuple object (the later passes memoise on it).
+    Each stage's boxes are intersected with the earlier stages' boxes of the same storage in bulk
+    (NumPy broadcasting per storage), never task by task.
     """
 
     def storage(name: str) -> str:
@@ -83,72 +90,75 @@ def dependency_preds(specs, tensors: dict[str, Tensor]) -> list[tuple[int, ...]]
         return name
 
     viewed = {storage(t.name) for t in tensors.values() if t.base is not None}
-    canon_cache: dict = {}
+    # name → (storage, shape when the storage is viewed (boxes compare as flat intervals), else None)
+    tinfo = {}
+    for name, t in tensors.items():
+        st = storage(name)
+        tinfo[name] = (st, t.shape if st in viewed else None)
+    flat_cache: dict = {}
 
-    def canon(acc) -> tuple[str, list[Range]]:
-        key = (acc.tensor, acc.box)
-        hit = canon_cache.get(key)
-        if hit is None:
-            st = storage(acc.tensor)
-            if st in viewed:
-                hit = (st, [((a, b),) for a, b in box_to_flat(tensors[acc.tensor].shape, acc.box)])
-            else:
-                hit = (st, [acc.box])
-            canon_cache[key] = hit
-        return hit
+    def add(qs: dict, acc, tid: int) -> None:
+        st, shape = tinfo[acc.tensor]
+        q = qs.get(st)
+        if q is None:
+            q = qs[st] = _Boxes()
+        if shape is None:
+            q.boxes.append(acc.box)
+            q.tids.append(tid)
+            return
+        fk = (shape, acc.box)
+        flat = flat_cache.get(fk)
+        if flat is None:
+            flat = flat_cache[fk] = [((x, y),) for x, y in box_to_flat(shape, acc.box)]
+        q.boxes.extend(flat)
+        q.tids.extend([tid] * len(flat))
 
-    writers: dict[str, list[_Index]] = defaultdict(list)
-    readers: dict[str, list[_Index]] = defaultdict(list)
+    is_state = {name: t.kind == "state" for name, t in tensors.items()}
+    writers: dict[str, list[_Boxes]] = defaultdict(list)   # per storage: one frozen _Boxes per stage
+    readers: dict[str, list[_Boxes]] = defaultdict(list)   # state tensors only (write-after-read)
     by_stage: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(specs):
         by_stage[s.stage].append(i)
     preds: list[tuple[int, ...]] = [()] * len(specs)
-    qcache: dict = {}
-    tcache: dict = {}
-
-    def query(kind: str, st: str, box: Range) -> tuple[int, ...]:
-        key = (kind, st, box)
-        hit = qcache.get(key)
-        if hit is None:
-            idxs = writers.get(st, ()) if kind == "r" else \
-                itertools.chain(writers.get(st, ()), readers.get(st, ()))
-            found: list[int] = []
-            for idx in idxs:
-                found.extend(idx.query(box).tolist())
-            hit = qcache[key] = tuple(found)
-        return hit
+    interned: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     for stage in sorted(by_stage):
-        qcache.clear()
-        tcache.clear()
-        wnew: dict[str, list[tuple[Range, int]]] = defaultdict(list)
-        rnew: dict[str, list[tuple[Range, int]]] = defaultdict(list)
+        rq: dict[str, _Boxes] = {}   # what this stage reads (queries: RAW)
+        wq: dict[str, _Boxes] = {}   # what it writes (queries: WAW, WAR; then indexed)
         for tid in by_stage[stage]:
             s = specs[tid]
-            keys = []
             for acc in s.reads:
-                st, boxes = canon(acc)
-                for box in boxes:
-                    keys.append(("r", st, box))
-                    if tensors[st].kind == "state":
-                        rnew[st].append((box, tid))
+                add(rq, acc, tid)
             for acc in s.writes:
-                st, boxes = canon(acc)
-                for box in boxes:
-                    keys.append(("w", st, box))
-                    wnew[st].append((box, tid))
-            k = tuple(keys)
-            ps = tcache.get(k)
-            if ps is None:
-                found: set[int] = set()
-                for kind, st, box in keys:
-                    found.update(query(kind, st, box))
-                ps = tcache[k] = tuple(sorted(found))
-            preds[tid] = ps
-        for st, bx in wnew.items():
-            writers[st].append(_Index(bx))
-        for st, bx in rnew.items():
-            readers[st].append(_Index(bx))
+                add(wq, acc, tid)
+        cons: list[np.ndarray] = []
+        prods: list[np.ndarray] = []
+        for qs, sources in ((rq, (writers,)), (wq, (writers, readers))):
+            for st, q in qs.items():
+                idxs = [ix for src in sources for ix in src.get(st, ())]
+                if not idxs:
+                    continue
+                q.freeze()
+                for ix in idxs:
+                    c, p = _hits(q.arr, q.tarr, ix.arr, ix.tarr)
+                    cons.append(c)
+                    prods.append(p)
+        if cons:
+            c = np.concatenate(cons)
+            p = np.concatenate(prods)
+            if len(c):
+                pairs = np.unique(c * len(specs) + p)     # sorted by consumer, then producer
+                c, p = np.divmod(pairs, len(specs))
+                cuts = (np.flatnonzero(np.diff(c)) + 1).tolist()
+                pl = p.tolist()
+                for cc, a, b in zip(c[[0, *cuts]].tolist(), [0, *cuts], [*cuts, len(pl)], strict=True):
+                    t = tuple(pl[a:b])
+                    preds[cc] = interned.setdefault(t, t)
+        for st, q in wq.items():
+            writers[st].append(q.freeze())
+        for st, q in rq.items():
+            if is_state[st]:
+                readers[st].append(q.freeze())
     return preds
 
 

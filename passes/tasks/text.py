@@ -31,9 +31,17 @@ def format_text(tg: TaskGraph, limit: int | None = None) -> str:
         out.append(f"tensor {t.name} : {t.dtype}{list(t.shape)} {t.kind}{extra}")
     out.append("")
     tasks = tg.tasks if limit is None else tg.tasks[:limit]
+    boxes: dict = {}
+
+    def acc(a) -> str:
+        b = boxes.get(a.box)
+        if b is None:
+            b = boxes[a.box] = _box(a.box)
+        return a.tensor + b
+
     for t in tasks:
-        rs = ", ".join(f"{a.tensor}{_box(a.box)}" for a in t.reads)
-        ws = ", ".join(f"{a.tensor}{_box(a.box)}" for a in t.writes)
+        rs = ", ".join(map(acc, t.reads))
+        ws = ", ".join(map(acc, t.writes))
         wait = f"e{t.wait}" if t.wait is not None else (f"after t{t.after}" if t.after is not None else "-")
         sig = ",".join(f"e{e}" for e in t.signals) or "-"
         attrs = "".join(f" {k}={v}" for k, v in t.attrs)

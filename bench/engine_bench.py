@@ -1,0 +1,142 @@
+"""Generation throughput of the engine's GPU step backend (one megakernel launch per engine step) at batch
+1, 8 and 64, against the kernel's own multi-step mode and PyTorch eager / CUDA graph (the anchor's model
+code) measured in the same run. Random bf16 weights and KV cache, 1024-token context. JSON to argv[1].
+
+    python bench/engine_bench.py OUT.json llama3_2_1b 1,8,64
+
+* step backend, decode: ``StepBackend.step`` for B live tokens at positions 1024+i (inputs uploaded, one
+  launch, logits [B, V] copied back) plus the host argmax the engine does: wall ms per step (host clock),
+  tokens/s = B / that; the kernel's own time per launch (device events) beside it.
+* engine end to end: ``Engine.generate`` of B requests (32-token prompts, 64 new tokens, greedy) on the
+  step backend: generated tokens / wall time (prefill one chunk of B tokens per step included).
+* multi-step: one launch of 64 steps of the argmax graph (the kernel feeds tokens back itself), ms/step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pytorch_anchor as anchor
+
+from mpkir.models.engine import Engine, EngineConfig, SamplingParams
+from mpkir.parser import parse
+from mpkir.runtime.host import Megakernel, StepBackend
+from mpkir.semantics import build_env
+from mpkir.verify import analyze
+
+CTX = 1024
+ANCH = {"qwen3_0_6b": "qwen3-0.6b", "llama3_2_1b": "llama3.2-1b", "qwen3_8b": "qwen3-8b"}
+
+
+def sized(name: str, B: int):
+    src = (Path("examples") / f"{name}.mpk").read_text()
+    for k in ("max_requests", "max_tokens"):
+        assert f"const {k} = 8\n" in src
+        src = src.replace(f"const {k} = 8\n", f"const {k} = {B}\n")
+    src = src.replace("const max_seq_len = 4096\n", "const max_seq_len = 2048\n")
+    m = parse(src, f"{name}.mpk")
+    return m, analyze(m), build_env(m)[0]
+
+
+def free():
+    import cupy
+
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+
+
+def bench_step_backend(name, B, r):
+    m, an, env = sized(name, B)
+    t0 = time.time()
+    sb = StepBackend(m, an, None)
+    r["setup_s"] = round(time.time() - t0, 2)
+    V, pps = int(env.consts["vocab"]), int(env.consts["pages_per_seq"])
+    table = np.arange(B * pps, dtype=np.int32).reshape(B, pps)
+    sid = np.arange(B, dtype=np.int32)
+    tok = np.random.default_rng(0).integers(0, V, B).astype(np.int32)
+    walls, kms = [], []
+    for i in range(60):
+        k0 = sb.kernel_ms
+        t = time.perf_counter()
+        lg = sb.step(tok, np.full(B, CTX + i, np.int32), sid, table)
+        tok = lg.argmax(-1).astype(np.int32)
+        w = time.perf_counter() - t
+        if i >= 10:
+            walls.append(w * 1e3)
+            kms.append(sb.kernel_ms - k0)
+    r["step_wall_ms"] = float(np.median(walls))
+    r["step_kernel_ms"] = float(np.median(kms))
+    r["step_tokens_per_s"] = B / (r["step_wall_ms"] * 1e-3)
+    # the engine end to end (prefill + decode), fresh KV state is not needed for timing
+    cfg = EngineConfig(max_requests=B, max_tokens=B, page_size=int(env.consts["page_size"]),
+                       num_pages=int(env.consts["num_pages"]), max_seq_len=int(env.consts["max_seq_len"]))
+    e = Engine(sb, cfg)
+    prompts = [list(map(int, np.random.default_rng(i).integers(0, V, 32))) for i in range(B)]
+    t = time.perf_counter()
+    reqs = e.generate(prompts, 64, SamplingParams(), stop_ids=())
+    wall = time.perf_counter() - t
+    gen = sum(len(q.output) for q in reqs)
+    r["engine_generated"] = gen
+    r["engine_steps"] = e.stats.steps
+    r["engine_tokens_per_s"] = gen / wall
+    r["engine_ms_per_step"] = wall / e.stats.steps * 1e3
+    del sb, e
+    free()
+    # the kernel's own multi-step mode (argmax graph)
+    mk = Megakernel(m, batch=B)
+    mk.init_random(0)
+    mk.set_inputs(np.random.default_rng(1).integers(0, V, B), np.full(B, CTX))
+    mk.launch(64)
+    ts = sorted(mk.launch(64) for _ in range(5))
+    r["multistep_ms"] = ts[2] / 64
+    r["multistep_tokens_per_s"] = B / (r["multistep_ms"] * 1e-3)
+    del mk
+    free()
+
+
+def bench_torch(name, B, r):
+    c = anchor.CONFIGS[ANCH[name]]
+    W = anchor.build(c, CTX, B)
+    tok = torch.randint(0, c["vocab"], (B,), device="cuda")
+    inv = 1.0 / (1e6 ** (torch.arange(0, c["hd"], 2, device="cuda").float() / c["hd"]))
+    ang = CTX * inv
+    cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+    f = lambda c=c, W=W, tok=tok, cos=cos, sin=sin: anchor.step(c, W, tok, CTX, cos, sin)  # noqa: E731
+    with torch.no_grad():
+        r["torch_eager_ms"] = anchor.bench(f, 20)
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            f()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            f()
+        r["torch_graph_ms"] = anchor.bench(g.replay, 30)
+    r["torch_graph_tokens_per_s"] = B / (r["torch_graph_ms"] * 1e-3)
+    del W, g
+    free()
+
+
+def main():
+    out, models, batches = sys.argv[1], sys.argv[2].split(","), [int(x) for x in sys.argv[3].split(",")]
+    res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for name in models:
+        for B in batches:
+            r = res.setdefault(f"{name}/b{B}", {})
+            bench_step_backend(name, B, r)
+            bench_torch(name, B, r)
+            Path(out).write_text(json.dumps(res, indent=1))
+            print(name, B, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
