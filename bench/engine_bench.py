@@ -10,6 +10,12 @@ code) measured in the same run. Random bf16 weights and KV cache, 1024-token con
 * engine end to end: ``Engine.generate`` of B requests (32-token prompts, 64 new tokens, greedy) on the
   step backend: generated tokens / wall time (prefill one chunk of B tokens per step included).
 * multi-step: one launch of 64 steps of the argmax graph (the kernel feeds tokens back itself), ms/step.
+
+    python bench/engine_bench.py OUT.json llama3_2_1b 1,8 --resident
+
+compares, in one run, the per-step-launch backend with the resident one (``ResidentBackend``: one launch
+serves every step; logits, and argmax ids only): wall ms per step of the same decode loop, and the engine
+end to end (tokens/s, launches).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import pytorch_anchor as anchor
 
 from mpkir.models.engine import Engine, EngineConfig, SamplingParams
 from mpkir.parser import parse
-from mpkir.runtime.host import Megakernel, StepBackend
+from mpkir.runtime.host import Megakernel, ResidentBackend, StepBackend
 from mpkir.semantics import build_env
 from mpkir.verify import analyze
 
@@ -101,6 +107,63 @@ def bench_step_backend(name, B, r):
     free()
 
 
+def _decode_loop(be, B, V, pps, ids: bool) -> float:
+    """Median wall ms per step of 50 decode steps at 1024+ context (after 10 warm-up steps)."""
+    table = np.arange(B * pps, dtype=np.int32).reshape(B, pps)
+    sid = np.arange(B, dtype=np.int32)
+    tok = np.random.default_rng(0).integers(0, V, B).astype(np.int32)
+    walls = []
+    for i in range(60):
+        t = time.perf_counter()
+        out = be.step(tok, np.full(B, CTX + i, np.int32), sid, table)
+        tok = (out if ids else out.argmax(-1)).astype(np.int32)
+        if i >= 10:
+            walls.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(walls))
+
+
+def _engine(be, B, V, env) -> dict:
+    cfg = EngineConfig(max_requests=B, max_tokens=B, page_size=int(env.consts["page_size"]),
+                       num_pages=int(env.consts["num_pages"]), max_seq_len=int(env.consts["max_seq_len"]))
+    e = Engine(be, cfg)
+    prompts = [list(map(int, np.random.default_rng(i).integers(0, V, 32))) for i in range(B)]
+    t = time.perf_counter()
+    reqs = e.generate(prompts, 64, SamplingParams(), stop_ids=())
+    wall = time.perf_counter() - t
+    gen = sum(len(q.output) for q in reqs)
+    return {"tokens_per_s": gen / wall, "ms_per_step": wall / e.stats.steps * 1e3, "steps": e.stats.steps,
+            "outputs": [q.output for q in reqs]}
+
+
+def bench_resident(name, B, r):
+    """Per-step-launch vs resident backend, same shapes, same process."""
+    m, an, env = sized(name, B)
+    V, pps = int(env.consts["vocab"]), int(env.consts["pages_per_seq"])
+    sb = StepBackend(m, an, None)
+    r["step_wall_ms"] = _decode_loop(sb, B, V, pps, False)
+    eng = _engine(sb, B, V, env)
+    r["step_engine_tokens_per_s"], r["step_engine_ms_per_step"] = eng["tokens_per_s"], eng["ms_per_step"]
+    ref = eng["outputs"]
+    del sb
+    free()
+    for output in ("logits", "ids"):
+        rb = ResidentBackend(m, an, None, output=output)
+        try:
+            r[f"resident_{output}_wall_ms"] = _decode_loop(rb, B, V, pps, output == "ids")
+            eng = _engine(rb, B, V, env)
+            r[f"resident_{output}_engine_tokens_per_s"] = eng["tokens_per_s"]
+            r[f"resident_{output}_engine_ms_per_step"] = eng["ms_per_step"]
+            r[f"resident_{output}_same_tokens_as_step"] = eng["outputs"] == ref
+            r[f"resident_{output}_launches"] = rb.launches
+            r[f"resident_{output}_steps"] = rb.steps
+        finally:
+            rb.close()
+        del rb
+        free()
+    for k in ("step", "resident_logits", "resident_ids"):
+        r[f"{k}_tokens_per_s"] = B / (r[f"{k}_wall_ms"] * 1e-3)
+
+
 def bench_torch(name, B, r):
     c = anchor.CONFIGS[ANCH[name]]
     W = anchor.build(c, CTX, B)
@@ -128,11 +191,15 @@ def bench_torch(name, B, r):
 def main():
     out, models, batches = sys.argv[1], sys.argv[2].split(","), [int(x) for x in sys.argv[3].split(",")]
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    resident = "--resident" in sys.argv[4:]
     for name in models:
         for B in batches:
             r = res.setdefault(f"{name}/b{B}", {})
-            bench_step_backend(name, B, r)
-            bench_torch(name, B, r)
+            if resident:
+                bench_resident(name, B, r)
+            else:
+                bench_step_backend(name, B, r)
+                bench_torch(name, B, r)
             Path(out).write_text(json.dumps(res, indent=1))
             print(name, B, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
                   flush=True)

@@ -1,4 +1,9 @@
-"""Write the megakernel of a :class:`~mpkir.codegen.lower.Plan` as one self-contained CUDA C++ source."""
+"""Write the megakernel of a :class:`~mpkir.codegen.lower.Plan` as one self-contained CUDA C++ source.
+
+A plan with found programs in it (:class:`~mpkir.codegen.superopt_tasks.SuperoptPlan`) also gets their bodies,
+emitted by the superoptimizer's generic emitter (:mod:`mpkir.passes.superopt.cuda`), each behind a task
+adapter, plus the glue bodies its rewrite uses (``mk_so_rope_table``): still one kernel, one dispatch.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,42 @@ from mpkir.codegen.lower import NT, Plan
 
 _HEADERS = ("mk_runtime.cuh", "mk_tasks.cuh")
 
+# Rope cos/sin tables for found head-norm+rope programs: one task per live token b. Angles exactly as
+# mk_head_norm_rope computes them: f32(pos) * inv_freq[i] in f32 (inv_freq: the host's table, llama3
+# scaling included), cos/sin in float64, rounded once to f32. Plain C++ too (the CPU tests run it).
+# p0 positions i32 [maxB], p1 inverse frequencies f32 [D/2], p2 cos f32 [maxB,1,D], p3 sin; a16 D, a17 b.
+SO_GLUE = r"""
+__device__ void so_rope_table(const int* pos, const float* inv, float* cs, float* sn, int D, int b) {
+#ifdef __CUDACC__
+  const float p = (float)__ldcg(pos + b);
+#else
+  const float p = (float)pos[b];
+#endif
+  const int half = D / 2;
+  for (int i = MKSO_TID; i < D; i += MKSO_NT) {
+    const int j = i < half ? i : i - half;
+#ifdef __CUDACC__
+    const float ang = __fmul_rn(p, inv[j]);
+    double s, c;
+    sincos((double)ang, &s, &c);
+#else
+    const float ang = p * inv[j];
+    const double s = sin((double)ang), c = cos((double)ang);
+#endif
+    cs[(long)b * D + i] = (float)c;
+    sn[(long)b * D + i] = (float)s;
+  }
+}
+"""
+
+SO_GLUE_ADAPTER = r"""
+__device__ void mk_so_rope_table(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  if (t.a[17] >= B) return;
+  so_rope_table((const int*)t.p[0], (const float*)t.p[1], (float*)t.p[2], (float*)t.p[3], t.a[16], t.a[17]);
+}
+"""
+
 
 def _read(name: str) -> str:
     return resources.files("mpkir.codegen").joinpath(name).read_text(encoding="utf-8")
@@ -15,6 +56,47 @@ def _read(name: str) -> str:
 
 def _strip_once(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if line.strip() != "#pragma once")
+
+
+def so_bodies(plan: Plan) -> list:
+    """The emitted :class:`~mpkir.passes.superopt.cuda.Body` of every found program the plan uses."""
+    from mpkir.passes.superopt.cuda import emit_body
+    from mpkir.passes.superopt.program import parse_program
+
+    return [
+        emit_body(parse_program(v.program), dict(v.dtypes), v.func) for v in getattr(plan, "so_variants", ())
+    ]
+
+
+def so_adapter(body) -> str:
+    """A found body as a megakernel task: pointers ``t.p[0..]`` (inputs then outputs), tile ``t.a[16]``; a
+    tile whose first token ``t.a[17]`` is not live this launch returns at once (as hand-written bodies do)."""
+    args = [
+        f"({q.ctype}*)t.p[{k}]" if q.output else f"(const {q.ctype}*)t.p[{k}]"
+        for k, q in enumerate(body.params)
+    ]
+    return (
+        f"__device__ void mk_{body.func}(const MkTask& t, int it, int B, char* smem) {{\n"
+        f"  if (!mk_block_wait(t)) return;\n"
+        f"  if (t.a[17] >= B) return;\n"
+        f"  {body.func}({', '.join([*args, 't.a[16]', 'smem'])});\n}}\n"
+    )
+
+
+def so_source(plan: Plan) -> str:
+    """The found bodies, their adapters and the glue the plan uses ('' for a hand-written-only plan)."""
+    bodies = so_bodies(plan)
+    glue = "mk_so_rope_table" in plan.variants
+    if not bodies and not glue:
+        return ""
+    from mpkir.passes.superopt.cuda import PRELUDE
+
+    out = [PRELUDE]
+    if glue:
+        out += [SO_GLUE, SO_GLUE_ADAPTER]
+    for b in bodies:
+        out += [b.source, so_adapter(b)]
+    return "\n".join(out)
 
 
 def emit_cuda(plan: Plan) -> str:
@@ -27,6 +109,10 @@ def emit_cuda(plan: Plan) -> str:
     for h in _HEADERS:
         out.append(f"// ---- {h}")
         out.append(_strip_once(_read(h)))
+    so = so_source(plan)
+    if so:
+        out.append("// ---- found task bodies (superoptimizer, mpkir.passes.superopt.cuda) and their glue")
+        out.append(so)
     out.append("// ---- dispatch over the task variants this program uses")
     out.append("__device__ __forceinline__ void mk_dispatch(const MkTask& t, int it, int B, char* smem) {")
     out.append("  switch (t.a[0]) {")

@@ -23,11 +23,7 @@
 __device__ __forceinline__ void mk_red_release_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
-__device__ __forceinline__ unsigned long long mk_ld_acquire_sys(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
+// mk_ld_acquire_sys (system-scope acquire load) comes from mk_runtime.cuh.
 
 // One per process, in device memory, filled by the host once the peers' allocations are mapped.
 struct MkPeers {

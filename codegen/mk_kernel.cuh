@@ -1,9 +1,65 @@
-// mpkir megakernel: the persistent worker kernel. One CTA per SM, all resident (the host checks
+// mpkir megakernel: the persistent worker kernels. One CTA per SM, all resident (the host checks
 // occupancy and refuses otherwise). Each worker walks its ahead-of-time task list once per decode step;
 // tasks marked JIT are claimed dynamically from a per-op ticket counter (work queue) by whichever worker
 // reaches the op's slot first. Counters are never reset: a wait for event e at step `it` needs
 // counter[e] >= triggers(e) * it.
+//   mk_megakernel        nsteps steps in one launch (argmax feeds the next step's tokens)
+//   mk_megakernel_serve  resident serving: each step's inputs come from a ring in pinned host memory, its
+//                        logits (or argmax ids) go back to pinned memory, until the host sends "stop"
 #pragma once
+
+// One walk of this SM's task list for step `it` (waits, JIT tickets) over B live tokens; the bodies see step
+// `body_it` (the serving kernel passes 1: each step's tokens and positions are fresh inputs, as in a launch's
+// first step). False if the launch is aborting.
+__device__ __forceinline__ bool mk_walk(const MkTask* __restrict__ tasks, const int* __restrict__ list, int beg,
+                                        int end, unsigned long long* counters, int* status, int* dump,
+                                        unsigned long long* trace, int trace_cap, int& ntrace, int it, int B,
+                                        long long spin_limit, int* jit_tickets, int body_it, char* smem,
+                                        MkTask& s_task, int& s_jit) {
+  const int sm = blockIdx.x;
+  for (int i = beg; i < end; ++i) {
+    int tid = list[i];
+    if (tid < 0) {  // JIT slot of op -(tid+1): claim its next unclaimed task of this step (CAS on a ticket)
+      if (threadIdx.x == 0) {
+        int* jt = jit_tickets + 4 * (-(tid + 1));
+        const int first = jt[1], count = jt[2], lim = count * it;
+        int v = atomicAdd(jt, 0), got = -1;
+        while (v < lim) {
+          const int w = atomicCAS(jt, v, v + 1);
+          if (w == v) { got = first + (v - count * (it - 1)); break; }
+          v = w;
+        }
+        s_jit = got;
+      }
+      __syncthreads();
+      tid = s_jit;
+      __syncthreads();
+      if (tid < 0) continue;
+      --i;  // come back to this slot for another ticket
+    }
+    if (threadIdx.x < (int)(sizeof(MkTask) / 16)) ((uint4*)&s_task)[threadIdx.x] = ((const uint4*)(tasks + tid))[threadIdx.x];
+    __syncthreads();
+    unsigned long long t0 = 0;
+    if (threadIdx.x == 0) {
+      t0 = mk_globaltimer();
+      if (s_task.p[11] && s_task.a[12]) mk_prefetch_l2((const void*)s_task.p[11], (unsigned)s_task.a[12]);
+      mk_wctx.counters = counters; mk_wctx.status = status; mk_wctx.dump = dump;
+      mk_wctx.spin_limit = spin_limit; mk_wctx.tid = tid; mk_wctx.it = it; mk_wctx.ok = 1; mk_wctx.waited = 0;
+    }
+    __syncthreads();
+    mk_dispatch(s_task, body_it, B, smem);   // bodies call mk_block_wait() themselves (waits: step it)
+    if (!mk_block_wait(s_task)) return false;  // (no-op when the body waited) every task waits before signalling
+    if (threadIdx.x == 0) {
+      mk_red_release(counters + s_task.a[1], 1ull);
+      if (trace && ntrace < trace_cap) {
+        unsigned long long* e = trace + ((size_t)sm * trace_cap + ntrace) * 4;
+        e[0] = ((unsigned long long)it << 32) | (unsigned)tid; e[1] = t0; e[2] = mk_wctx.t1; e[3] = mk_globaltimer();
+      }
+      ++ntrace;
+    }
+  }
+  return true;
+}
 
 extern "C" __global__ void __launch_bounds__(MK_NT, 1)
 mk_megakernel(const MkTask* __restrict__ tasks, const int* __restrict__ list_off, const int* __restrict__ list,
@@ -56,6 +112,157 @@ mk_megakernel(const MkTask* __restrict__ tasks, const int* __restrict__ list_off
         }
         ++ntrace;
       }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ serving
+// Host ring (pinned, device-mapped), slot (it-1) % nslots, int32 words: [0,1] sequence number (u64, = it when
+// published), [2] command (0 run, 1 stop), [3] live tokens T, [4] output (0 logits, 1 argmax ids),
+// [16 .. 16+io_n) the step's input block (copied as is over the device io block). Output (pinned): out_done
+// (u64, = it once the step's output is complete) and out (f32 [T][V] logits, or i32 [T] ids).
+// sctl (device, zeroed per launch, u64 words): [0] steps whose inputs are on the device, [1] CTAs done with
+// their share of the output (never reset), [2] command, [3] T, [4] output mode.
+// status[0] error codes: 1 watchdog timeout inside a step, 2 the host published no step for idle_ns.
+#define MK_SERVE_HDR 16
+
+// Bounded wait (nanosleep back-off) until *p >= target; sys: system-scope acquire (host memory).
+// Gives up after spin_limit spins, or after deadline_ns of %globaltimer when deadline_ns > 0 (code 2).
+__device__ __noinline__ bool mk_wait_word(const unsigned long long* p, unsigned long long target, bool sys,
+                                          int* status, int* dump, long long spin_limit, long long idle_ns,
+                                          int event, int it) {
+  unsigned long long v = sys ? mk_ld_acquire_sys(p) : mk_ld_acquire(p);
+  long long spins = 0;
+  unsigned ns = 32;
+  const unsigned long long t_start = idle_ns > 0 ? mk_globaltimer() : 0;
+  while (v < target) {
+    __nanosleep(ns);
+    ns = ns < 256 ? ns + 32 : 256;
+    v = sys ? mk_ld_acquire_sys(p) : mk_ld_acquire(p);
+    ++spins;
+    if ((spins & 255) == 0 || (idle_ns <= 0 && spins > spin_limit)) {
+      const bool aborted = *(volatile int*)(status + 1) != 0;
+      const bool late = idle_ns > 0 ? (long long)(mk_globaltimer() - t_start) > idle_ns : spins > spin_limit;
+      if (aborted || late) {
+        if (!aborted && atomicCAS(status, 0, idle_ns > 0 ? 2 : 1) == 0) status[2] = blockIdx.x;
+        *(volatile int*)(status + 1) = 1;
+        int* d = dump + blockIdx.x * MK_DUMP;
+        d[0] = -1; d[1] = event; d[2] = it; d[3] = (int)target; d[4] = (int)v; d[5] = it - 1;
+        d[6] = late; d[7] = 1;
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+extern "C" __global__ void __launch_bounds__(MK_NT, 1)
+mk_megakernel_serve(const MkTask* __restrict__ tasks, const int* __restrict__ list_off, const int* __restrict__ list,
+                    unsigned long long* counters, int* status, int* dump, unsigned long long* trace, int trace_cap,
+                    long long spin_limit, int* jit_tickets, const int* ring, int nslots, int slot_ints, int* io,
+                    int io_n, unsigned long long* sctl, int final_ev, int final_trig, const void* logits,
+                    int logits_f32, int V, int logits_ld, void* out, unsigned long long* out_done,
+                    long long idle_ns) {
+  extern __shared__ __align__(16) char smem[];
+  __shared__ MkTask s_task;
+  __shared__ int s_jit, s_cmd, s_B, s_mode, s_ok;
+  __shared__ float s_max[MK_NWARP];
+  __shared__ int s_arg[MK_NWARP];
+  const int sm = blockIdx.x, nsm = gridDim.x;
+  const int beg = list_off[sm], end = list_off[sm + 1];
+  int ntrace = 0;
+  for (int it = 1;; ++it) {
+    // 1. CTA 0 takes step `it` from the host ring and copies its inputs to the device io block
+    if (sm == 0) {
+      const int* slot = ring + (size_t)((it - 1) % nslots) * slot_ints;
+      if (threadIdx.x == 0) {
+        s_ok = mk_wait_word((const unsigned long long*)slot, (unsigned long long)it, true, status, dump,
+                            spin_limit, idle_ns, -1, it);
+        s_cmd = __ldcv(slot + 2); s_B = __ldcv(slot + 3); s_mode = __ldcv(slot + 4);
+      }
+      __syncthreads();
+      if (!s_ok) return;
+      if (s_cmd == 0) {
+        const uint4* src = (const uint4*)(slot + MK_SERVE_HDR);
+        const int n4 = io_n >> 2;
+        for (int i = threadIdx.x; i < n4; i += MK_NT) ((uint4*)io)[i] = __ldcv(src + i);
+        for (int i = (n4 << 2) + threadIdx.x; i < io_n; i += MK_NT) io[i] = __ldcv(slot + MK_SERVE_HDR + i);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        sctl[2] = (unsigned long long)s_cmd; sctl[3] = (unsigned long long)s_B; sctl[4] = (unsigned long long)s_mode;
+        __threadfence();
+        mk_red_release(sctl, 1ull);
+      }
+    }
+    // 2. every CTA: wait until step `it`'s inputs are on the device
+    if (threadIdx.x == 0) {
+      s_ok = mk_wait_word(sctl, (unsigned long long)it, false, status, dump, spin_limit, idle_ns + 1000000000ll,
+                          -2, it);
+      s_cmd = (int)__ldcg(sctl + 2); s_B = (int)__ldcg(sctl + 3); s_mode = (int)__ldcg(sctl + 4);
+    }
+    __syncthreads();
+    if (!s_ok || s_cmd != 0) return;  // aborting, or "stop"
+    const int B = s_B, mode = s_mode;
+    // 3. the step's tasks
+    if (!mk_walk(tasks, list, beg, end, counters, status, dump, trace, trace_cap, ntrace, it, B, spin_limit,
+                 jit_tickets, 1, smem, s_task, s_jit))
+      return;
+    // 4. the output, once the final op (every op is its ancestor) is done: each CTA copies its share
+    if (threadIdx.x == 0)
+      s_ok = mk_wait_word(counters + final_ev, (unsigned long long)final_trig * it, false, status, dump,
+                          spin_limit, 0, final_ev, it);
+    __syncthreads();
+    if (!s_ok) return;
+    if (mode == 0) {  // logits rows [B][V] -> f32, the flat range split evenly over the CTAs
+      const long long n = (long long)B * V, per = (n + nsm - 1) / nsm;
+      const long long lo = per * sm, hi = min(n, lo + per);
+      float* o = (float*)out;
+      for (long long e = lo + threadIdx.x; e < hi; e += MK_NT) {
+        const long long r = e / V, c = e - r * V;
+        float v;
+        if (logits_f32) v = __ldcg((const float*)logits + r * logits_ld + c);
+        else v = mk_ld_bf16((const __nv_bfloat16*)logits + r * logits_ld + c);
+        o[e] = v;
+      }
+    } else if (sm < B) {  // argmax of row sm (first index of the maximum, as numpy)
+      float best = MK_NEG_INF;
+      int arg = 0x7fffffff;
+      for (int c = threadIdx.x; c < V; c += MK_NT) {
+        float v;
+        if (logits_f32) v = __ldcg((const float*)logits + (long long)sm * logits_ld + c);
+        else v = mk_ld_bf16((const __nv_bfloat16*)logits + (long long)sm * logits_ld + c);
+        if (v > best || (v == best && c < arg)) { best = v; arg = c; }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const float ob = __shfl_xor_sync(0xffffffffu, best, off);
+        const int oa = __shfl_xor_sync(0xffffffffu, arg, off);
+        if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+      }
+      if ((threadIdx.x & 31) == 0) { s_max[threadIdx.x >> 5] = best; s_arg[threadIdx.x >> 5] = arg; }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        best = s_max[0]; arg = s_arg[0];
+        for (int w = 1; w < MK_NWARP; ++w)
+          if (s_max[w] > best || (s_max[w] == best && s_arg[w] < arg)) { best = s_max[w]; arg = s_arg[w]; }
+        ((int*)out)[sm] = arg == 0x7fffffff ? 0 : arg;
+      }
+    }
+    __threadfence_system();  // every writer: its share of the output is visible to the host first
+    __syncthreads();
+    if (threadIdx.x == 0) mk_red_release(sctl + 1, 1ull);
+    // 5. CTA 0 publishes the step's output once every CTA has written its share
+    if (sm == 0) {
+      if (threadIdx.x == 0) {
+        s_ok = mk_wait_word(sctl + 1, (unsigned long long)nsm * it, false, status, dump, spin_limit, 0, -3, it);
+        if (s_ok) {
+          __threadfence_system();
+          mk_st_release_sys(out_done, (unsigned long long)it);
+        }
+      }
+      __syncthreads();
+      if (!s_ok) return;
     }
   }
 }

@@ -2,7 +2,9 @@
 
 ``Megakernel(module, batch=B)`` lowers and compiles; ``.init_random(seed)`` fills weights and KV cache;
 ``.launch(steps)`` runs ``steps`` decode steps in one launch (the kernel feeds each argmax to the next step).
-:class:`StepBackend` (``make_step_backend``) is the serving engine's step function: one launch per step.
+:class:`StepBackend` (``make_step_backend``) is the serving engine's step function: one launch per step;
+:class:`ResidentBackend` the same protocol served by ONE resident launch (inputs and outputs through pinned
+host memory, see ``mk_megakernel_serve`` in codegen/mk_kernel.cuh).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import weakref
 
 import numpy as np
 
 from mpkir.codegen.emit import emit_cuda
 from mpkir.codegen.lower import NT, Plan, lower
+from mpkir.codegen.superopt_tasks import maybe_apply
 
 TASK_DTYPE = np.dtype([("p", "<i8", (12,)), ("a", "<i4", (32,))])
 assert TASK_DTYPE.itemsize == 224
@@ -34,14 +38,14 @@ def _cupy():
         raise DeviceError(f"no CUDA GPU available ({type(e).__name__}: {e}); use --device cpu") from None
 
 
-def compile_source(src: str, cache_dir: str | None = None):
-    """Compile with NVRTC for sm_90a; CuPy's on-disk cache is keyed by the source hash."""
+def compile_source(src: str, cache_dir: str | None = None, name: str = "mk_megakernel"):
+    """Compile with NVRTC for sm_90a (CuPy's on-disk cache is keyed by the source hash); kernel ``name``."""
     cp = _cupy()
     os.environ.setdefault("CUPY_CACHE_DIR", cache_dir or os.path.expanduser("~/.cache/mpkir/kernels"))
     mod = cp.RawModule(
         code=src, options=("--gpu-architecture=sm_90a", "-std=c++17", "-DNDEBUG"), backend="nvrtc"
     )
-    return mod.get_function("mk_megakernel")
+    return mod.get_function(name)
 
 
 def _bf16_from_f32(cp, x):
@@ -51,7 +55,14 @@ def _bf16_from_f32(cp, x):
 
 
 class Megakernel:
-    def __init__(self, module, batch: int | None = None, greedy: bool = True, spin_limit: int = 20_000_000):
+    def __init__(
+        self,
+        module,
+        batch: int | None = None,
+        greedy: bool = True,
+        spin_limit: int = 20_000_000,
+        superopt=None,
+    ):
         cp = self.cp = _cupy()
         dev = cp.cuda.Device()
         props = cp.cuda.runtime.getDeviceProperties(dev.id)
@@ -59,7 +70,10 @@ class Megakernel:
         self.device_name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         self.module, self.greedy = module, greedy
         t0 = time.time()
-        self.plan: Plan = lower(module, num_sms=self.num_sms, greedy=greedy, batch=batch)
+        self.superopt = superopt  # found task programs: None = $MPKIR_SUPEROPT (codegen.superopt_tasks)
+        self.plan: Plan = maybe_apply(
+            lower(module, num_sms=self.num_sms, greedy=greedy, batch=batch), module, superopt
+        )
         self.src = emit_cuda(self.plan)
         self.source_hash = hashlib.sha256(self.src.encode()).hexdigest()[:16]
         self.lower_s = time.time() - t0
@@ -82,7 +96,8 @@ class Megakernel:
 
     def set_batch(self, batch: int):
         """Re-plan for ``batch`` live tokens, keeping weights and caches (same kernel source)."""
-        self.plan = lower(self.module, num_sms=self.num_sms, greedy=self.greedy, batch=batch)
+        plan = lower(self.module, num_sms=self.num_sms, greedy=self.greedy, batch=batch)
+        self.plan = maybe_apply(plan, self.module, self.superopt)
         src = emit_cuda(self.plan)
         if src != self.src:
             self.src = src
@@ -405,8 +420,196 @@ class StepBackend:
         return cp.asnumpy(lg)
 
 
-def make_step_backend(module, analysis, weights, graph: str | None = None) -> StepBackend:
-    """The engine's GPU step function (see :class:`StepBackend`)."""
+SERVE_HDR = 16  # int32 words of a ring slot's header (MK_SERVE_HDR in mk_kernel.cuh)
+IDLE_CODE = 2  # status[0] when the resident kernel saw no step for idle_s (it ends; the next step relaunches)
+
+
+def _final_op(plan: Plan) -> int:
+    """The op every other op precedes in a step (the lowering makes the output op depend on all leaves)."""
+    consumed = {d for o in plan.ops for d, lag in o.deps if lag == 0}
+    sinks = [i for i in range(len(plan.ops)) if i not in consumed]
+    if len(sinks) != 1:
+        raise DeviceError(f"the plan has {len(sinks)} final ops ({sinks[:4]}); the resident kernel needs one")
+    return sinks[0]
+
+
+def _stop_resident(state: dict) -> None:
+    """Send "stop" through the ring and wait for the kernel to end (also the finaliser of a lost backend)."""
+    if not state["running"]:
+        return
+    state["running"] = False
+    it = state["it"] + 1
+    slot = state["ring"][(it - 1) % state["ring"].shape[0]]
+    slot[2] = 1
+    slot.view(np.uint64)[0] = it
+    state["stream"].synchronize()
+
+
+class ResidentBackend(StepBackend):
+    """The engine's step function served by ONE resident megakernel launch (requests join and leave
+    between steps).
+
+    The host writes each step (command, live tokens T, output kind, the input block of :class:`StepBackend`:
+    tokens, positions, seq ids, page table) into slot ``(s-1) % nslots`` of a ring in pinned host memory,
+    then publishes it by writing the step number ``s``. Worker 0 of the kernel waits for that number (system
+    scope acquire, bounded by ``idle_s``), copies the block over the device inputs and releases the step to
+    all workers; the step runs under the never-reset event counters; the workers copy the logits (f32
+    [T, V]) or, with ``output="ids"``, the row argmaxes into pinned memory, and worker 0 publishes ``s`` as
+    the done number (system-scope release), which ``step`` waits for. ``close`` sends "stop". A kernel
+    that saw no step for ``idle_s`` ends itself (status code 2) and the next ``step`` relaunches it;
+    ``launches`` counts the launches. While it runs, nothing may synchronise the device (its stream is
+    non-blocking, so other CuPy work on the default stream still runs).
+    """
+
+    def __init__(self, module, analysis, weights, graph: str | None = None, spin_limit: int = 20_000_000,
+                 output: str = "logits", nslots: int = 2, idle_s: float = 2.0, timeout_s: float = 120.0):
+        if output not in ("logits", "ids"):
+            raise ValueError(f"output must be 'logits' or 'ids', not {output!r}")
+        super().__init__(module, analysis, weights, graph, spin_limit)
+        mk, cp = self.mk, self.mk.cp
+        if not self.returns_logits:
+            raise DeviceError("the resident backend needs a graph that returns the logits")
+        self.output, self.idle_s, self.timeout_s = output, idle_s, timeout_s
+        self.kernel = compile_source(mk.src, name="mk_megakernel_serve")
+        self.kernel.max_dynamic_shared_size_bytes = mk.plan.smem_bytes
+        occ = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            self.kernel.kernel.ptr, NT, mk.plan.smem_bytes
+        )
+        if occ < 1:
+            raise DeviceError(f"the resident megakernel cannot be resident (occupancy {occ}); not launched")
+        lg = mk.bufs[mk.plan.logits]
+        if lg.ndim != 2 or lg.shape[0] != self.max_tokens:
+            raise DeviceError(f"logits buffer of shape {lg.shape}: expected [max_tokens, V]")
+        self.V = int(lg.shape[1])
+        self.final = _final_op(mk.plan)
+        self.io_n = self.h_io.size
+        self.slot_ints = SERVE_HDR + (self.io_n + 3) // 4 * 4
+        n = nslots * self.slot_ints
+        self._ring_mem = cp.cuda.alloc_pinned_memory(n * 4)
+        ring = np.frombuffer(self._ring_mem, np.int32, n).reshape(nslots, self.slot_ints)
+        ring[...] = 0
+        nout = self.max_tokens * self.V
+        self._out_mem = cp.cuda.alloc_pinned_memory(256 + nout * 4)
+        self.h_done = np.frombuffer(self._out_mem, np.uint64, 1)
+        self.h_logits = np.frombuffer(self._out_mem, np.float32, nout, offset=256)
+        self.h_ids = np.frombuffer(self._out_mem, np.int32, self.max_tokens, offset=256)
+        self.d_sctl = cp.zeros(8, dtype=cp.uint64)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.launches = 0
+        self._st = {"running": False, "it": 0, "ring": ring, "stream": self.stream}
+        self._finalizer = weakref.finalize(self, _stop_resident, self._st)
+
+    # ------------------------------------------------------------------ kernel lifetime
+    @property
+    def running(self) -> bool:
+        return self._st["running"]
+
+    def _launch(self) -> None:
+        cp, mk = self.mk.cp, self.mk
+        ring = self._st["ring"]
+        ring[:, :SERVE_HDR] = 0
+        self.h_done[0] = 0
+        p = mk.plan
+        cp.cuda.Stream.null.synchronize()  # default-stream uploads and fills first
+        with self.stream:
+            mk.d_ctrl.data.copy_from_device_async(mk.d_ctrl_init.data, mk.d_ctrl.nbytes)
+            self.d_sctl.fill(0)
+            lg = mk.bufs[p.logits]
+            self.kernel(
+                (p.num_sms,),
+                (NT,),
+                (
+                    mk.d_tasks, mk.d_off, mk.d_list, mk.d_counters, mk.d_status, mk.d_dump,
+                    np.uint64(0), np.int32(0), np.int64(mk.spin_limit), mk.d_jit,
+                    np.uint64(ring.ctypes.data), np.int32(ring.shape[0]), np.int32(self.slot_ints),
+                    self.d_io, np.int32(self.io_n), self.d_sctl,
+                    np.int32(self.final), np.int32(len(p.ops[self.final].tasks)),
+                    lg, np.int32(lg.dtype == cp.float32), np.int32(self.V), np.int32(lg.shape[1]),
+                    np.uint64(self.h_logits.ctypes.data), np.uint64(self.h_done.ctypes.data),
+                    np.int64(int(self.idle_s * 1e9)),
+                ),
+                shared_mem=p.smem_bytes,
+            )
+        self.launches += 1
+        self._st.update(running=True, it=0)
+
+    def _ended(self) -> int:
+        """The kernel ended by itself: 0 when it went idle (relaunch), else raise with the watchdog report."""
+        self._st["running"] = False
+        self.stream.synchronize()
+        st = self.mk.cp.asnumpy(self.mk.d_status)
+        if st[0] == IDLE_CODE:
+            return 0
+        raise DeviceError("resident " + self.mk.hang_report(st))
+
+    def close(self) -> None:
+        """Stop the resident kernel (the next ``step`` would launch it again)."""
+        if self.running:
+            _stop_resident(self._st)
+            st = self.mk.cp.asnumpy(self.mk.d_status)
+            if st[0] not in (0, IDLE_CODE):
+                raise DeviceError("resident " + self.mk.hang_report(st))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ one engine step
+    def step(self, tokens, positions, seq_ids, page_table) -> np.ndarray:
+        """One step for the T live tokens: logits [T, V] float32, or argmax ids [T] with ``output='ids'``."""
+        T = len(tokens)
+        if not 1 <= T <= self.max_tokens:
+            raise ValueError(f"step of {T} tokens outside 1..{self.max_tokens} (serve block's max_tokens)")
+        tok, pos0, pos, sid, table = (self.io[n] for n in self.io_names)
+        self.h_io[:] = 0
+        tok[:T] = tokens
+        pos0[:T] = positions
+        pos[:T] = positions
+        sid[:] = -1
+        sid[:T] = seq_ids
+        pt = np.asarray(page_table, np.int32)
+        r, c = min(table.shape[0], pt.shape[0]), min(table.shape[1], pt.shape[1])
+        table[:r, :c] = pt[:r, :c]
+        for _ in range(2):  # a second try only after an idle end of the kernel
+            if self.running and self.stream.done:
+                self._ended()
+            if not self.running:
+                self._launch()
+            it = self._st["it"] + 1
+            if self._publish_and_wait(it, T):
+                break
+        self._st["it"] = it
+        self.steps += 1
+        if self.output == "ids":
+            return self.h_ids[:T].astype(np.int64)
+        return self.h_logits[: T * self.V].reshape(T, self.V).copy()
+
+    def _publish_and_wait(self, it: int, T: int) -> bool:
+        ring = self._st["ring"]
+        slot = ring[(it - 1) % ring.shape[0]]
+        slot[2], slot[3], slot[4] = 0, T, 1 if self.output == "ids" else 0
+        slot[SERVE_HDR : SERVE_HDR + self.io_n] = self.h_io
+        slot.view(np.uint64)[0] = it  # publish (x86 stores are seen in order)
+        done, t0, n = self.h_done, time.perf_counter(), 0
+        while done[0] < it:
+            n += 1
+            if n % 4096 == 0:
+                if self.stream.done:
+                    self._ended()
+                    return False
+                if time.perf_counter() - t0 > self.timeout_s:
+                    raise DeviceError(f"resident megakernel: step {it} not done after {self.timeout_s} s")
+        return True
+
+
+def make_step_backend(module, analysis, weights, graph: str | None = None, resident: bool = False,
+                      output: str = "logits") -> StepBackend:
+    """The engine's GPU step function: one resident launch for all steps (:class:`ResidentBackend`) or one
+    launch per step (:class:`StepBackend`)."""
+    if resident:
+        return ResidentBackend(module, analysis, weights, graph, output=output)
     return StepBackend(module, analysis, weights, graph)
 
 

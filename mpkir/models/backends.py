@@ -9,6 +9,7 @@ with its own settings and verify speculative drafts.  Everything before that op 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -148,8 +149,17 @@ def gpu_available() -> bool:
         return False
 
 
-def make_backend(loaded, device: str = "cpu", float_storage: str | None = None):
-    """The step function for a :class:`~mpkir.models.loader.LoadedModel` on ``cpu`` or ``gpu``."""
+GPU_BACKENDS = ("resident", "step")
+DEFAULT_GPU_BACKEND = "resident"  # measured not slower and token-identical (bench/RESULTS.md)
+
+
+def make_backend(
+    loaded, device: str = "cpu", float_storage: str | None = None, gpu_backend: str | None = None
+):
+    """The step function for a :class:`~mpkir.models.loader.LoadedModel` on ``cpu`` or ``gpu``.
+
+    ``gpu_backend``: ``resident`` (one megakernel launch serves every step) or ``step`` (one launch per
+    step); default: the environment's ``MPKIR_GPU_BACKEND``, else :data:`DEFAULT_GPU_BACKEND`."""
     if device == "gpu":
         try:
             from mpkir.runtime import host  # the megakernel runtime (issue 4)
@@ -161,5 +171,10 @@ def make_backend(loaded, device: str = "cpu", float_storage: str | None = None):
                 "the megakernel runtime has no step backend yet "
                 "(mpkir.runtime.host.make_step_backend); use --device cpu"
             )
+        kind = gpu_backend or os.environ.get("MPKIR_GPU_BACKEND") or DEFAULT_GPU_BACKEND
+        if kind not in GPU_BACKENDS:
+            raise error(f"unknown GPU backend '{kind}' (choose from {', '.join(GPU_BACKENDS)})")
+        if kind == "resident":
+            return factory(loaded.module, loaded.analysis, loaded.weights, resident=True)
         return factory(loaded.module, loaded.analysis, loaded.weights)
     return InterpreterBackend(loaded.module, loaded.analysis, loaded.weights, float_storage=float_storage)

@@ -72,11 +72,13 @@ def open_runner(
     spec_k: int | None = None,
     ngram: int | None = None,
     progress: Progress | None = None,
+    gpu_backend: str | None = None,
 ) -> Runner:
     """Load ``model`` (path or ``default``) and build an engine for ``batch`` concurrent requests.
 
     ``step_tokens`` is the token budget of one step (chunked prefill + decode), by default enough for
-    every request's decode token and drafts plus a prefill chunk.
+    every request's decode token and drafts plus a prefill chunk.  ``gpu_backend``: ``resident`` or ``step``
+    (see :func:`mpkir.models.backends.make_backend`).
     """
     device = pick_device(device)
     per_req = 1 + ((spec_k or 4) if speculative else 0)
@@ -100,7 +102,9 @@ def open_runner(
 
     if progress is not None:
         progress("prepare " + device, 0, 0)
-    backend = make_backend(loaded, device, float_storage="f32" if wdt == "f32" else None)
+    backend = make_backend(
+        loaded, device, float_storage="f32" if wdt == "f32" else None, gpu_backend=gpu_backend
+    )
     stops = list(loaded.tokenizer.eos_token_ids) if loaded.tokenizer is not None else []
     cfg = EngineConfig.from_serve(loaded.serve, stop_ids=stops)
     return Runner(

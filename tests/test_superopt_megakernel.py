@@ -1,0 +1,490 @@
+"""Found programs as megakernel tasks (issue 5), CPU only: which ops the post-pass replaces and why it skips
+the others, the rebuilt events (thresholds, no deadlock, every reader after its writer), ONE kernel that nvcc
+compiles for sm_90a, and the replaced ops' own task tables run on the CPU (the emitted bodies compiled as C++)
+against the reference interpreter's value of the subgraph."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpkir.codegen.emit import SO_GLUE, emit_cuda, so_bodies, so_source
+from mpkir.codegen.lower import lower
+from mpkir.codegen.superopt_tasks import (
+    ROPE_TABLE,
+    SuperoptPlan,
+    apply_found_programs,
+    load_programs,
+    lower_superopt,
+    maybe_apply,
+)
+from mpkir.parser import parse, parse_file
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NVCC = shutil.which("nvcc")
+
+
+@cache
+def _module(name):
+    return parse_file(str(EXAMPLES / f"{name}.mpk"))[0]
+
+
+@cache
+def _plans(name, batch, force=(), extend=True):
+    m = _module(name)
+    base = lower(m, greedy=True, batch=batch)
+    return base, apply_found_programs(base, m, load_programs(), force=force, extend=extend)
+
+
+def _count(plan, kind, replaced):
+    return sum(1 for d in plan.decisions if d.kind == kind and d.replaced == replaced and d.instance)
+
+
+# ------------------------------------------------------------------ what is replaced, what is skipped
+@pytest.mark.parametrize("batch", [1, 3])
+def test_qwen3_applied_programs_replace_their_ops(batch):
+    base, p = _plans("qwen3_0_6b", batch)
+    assert isinstance(p, SuperoptPlan)
+    assert _count(p, "headnorm_rope", True) == 2 * 28  # q and k of every layer
+    assert _count(p, "act_down", True) == 28
+    assert not any(d.replaced for d in p.decisions if d.kind in ("decode_attention", "norm_linear"))
+    att = [d for d in p.decisions if d.kind == "decode_attention"]
+    assert len(att) == 1 and "paged" in att[0].reason
+    assert all("not applied by the search" in d.reason for d in p.decisions if d.kind == "norm_linear")
+    kinds = [o.kind for o in p.ops]
+    assert kinds.count("so_headnorm_rope") == 56 and kinds.count("so_act_down") == 28
+    assert kinds.count("kv_append") == 28 and kinds.count("add") == 28 and kinds.count("so_rope_table") == 1
+    assert "norm_rope" not in kinds and kinds.count("attention") == 28
+    # one task per grid tile touching a live token (8 x 8 tiles of 1 token x 2 heads; 64 column tiles)
+    for o in p.ops:
+        if o.kind == "so_headnorm_rope":
+            assert len(o.tasks) == 8 * batch and {t.a[17] for t in o.tasks} == set(range(batch))
+        if o.kind == "so_act_down":
+            assert len(o.tasks) == 64 and {t.a[17] for t in o.tasks} == {0}
+    assert len(p.so_variants) == 3 and ROPE_TABLE in p.variants
+    assert p.smem_bytes == max(base.smem_bytes, *(v.smem_bytes for v in p.so_variants)) <= 227 * 1024 - 1024
+    # pure: the hand-written plan is untouched
+    assert (
+        not any(o.kind.startswith("so_") for o in base.ops)
+        and base.lists == lower(_module("qwen3_0_6b"), greedy=True, batch=batch).lists
+    )
+
+
+def test_llama_nothing_applied_leaves_the_plan_as_lowered():
+    base, p = _plans("llama3_2_1b", 1)
+    assert not p.replaced() and not p.so_variants
+    assert [(o.name, o.deps, len(o.tasks)) for o in p.ops] == [
+        (o.name, o.deps, len(o.tasks)) for o in base.ops
+    ]
+    assert p.lists == base.lists  # the re-placement reproduces lower's placement exactly
+    assert emit_cuda(p) == emit_cuda(base)
+    assert {d.kind for d in p.decisions} == {"decode_attention", "norm_linear", "act_down"}
+
+
+def test_llama_forced_act_down():
+    _, p = _plans("llama3_2_1b", 2, force=("act_down",))
+    assert _count(p, "act_down", True) == 16 and len(p.so_variants) == 1
+    direct = lower_superopt(_module("llama3_2_1b"), force=("act_down",), greedy=True, batch=2)
+    assert emit_cuda(direct) == emit_cuda(p)
+    assert _count(p, "headnorm_rope", True) == 0  # Llama has no q/k norm: no such subgraph
+
+
+def test_strict_mode_skips_what_needs_glue():
+    _, p = _plans("qwen3_0_6b", 1, extend=False)
+    assert _count(p, "headnorm_rope", True) == 28  # q: same semantics as the found program
+    k = [d for d in p.decisions if d.kind == "headnorm_rope" and not d.replaced]
+    assert len(k) == 28 and all("paged cache" in d.reason and d.op.startswith("k_rot.") for d in k)
+    ad = [d for d in p.decisions if d.kind == "act_down"]
+    assert len(ad) == 28 and all(not d.replaced and "residual" in d.reason for d in ad)
+    assert not any(o.kind in ("kv_append", "add") for o in p.ops)
+
+
+def test_a_program_that_does_not_match_is_skipped_with_a_reason():
+    entries = copy.deepcopy(load_programs())
+    e = next(e for e in entries if e["kind"] == "headnorm_rope" and e["dims"]["Hh"] == 16)
+    e["program"] = e["program"].replace("in cos:", "in cs:").replace("(%xg, cos)", "(%xg, cs)")
+    base, _ = _plans("qwen3_0_6b", 1)
+    p = apply_found_programs(base, _module("qwen3_0_6b"), entries)
+    q = [d for d in p.decisions if d.kind == "headnorm_rope" and d.dims.endswith("Hh=16,D=128")]
+    assert len(q) == 28 and all(not d.replaced and "do not match" in d.reason for d in q)
+    assert sum(o.kind == "norm_rope" for o in p.ops) == 28  # the q ropes stay hand-written
+
+
+def test_switch_is_off_unless_asked(monkeypatch):
+    base, _ = _plans("qwen3_0_6b", 1)
+    monkeypatch.delenv("MPKIR_SUPEROPT", raising=False)
+    assert maybe_apply(base, _module("qwen3_0_6b")) is base
+    monkeypatch.setenv("MPKIR_SUPEROPT", "1")
+    assert maybe_apply(base, _module("qwen3_0_6b")).replaced()
+    assert maybe_apply(base, _module("qwen3_0_6b"), superopt=False) is base
+
+
+# ------------------------------------------------------------------ events
+def _op_of(plan):
+    return {o.first_task + j: i for i, o in enumerate(plan.ops) for j in range(len(o.tasks))}
+
+
+def _simulate(plan, steps=2):
+    """The kernel's protocol (mk_kernel.cuh): each SM walks its list once per step; a task waits until
+    counter[d] >= len(tasks(d)) * (step - lag) for each dep, then signals its op; JIT slots claim tickets.
+    SMs run ahead into later steps. Returns the tasks run; raises on deadlock."""
+    op_of = _op_of(plan)
+    n = [len(o.tasks) for o in plan.ops]
+    cnt = [0] * len(plan.ops)
+    tickets = [0] * len(plan.ops)
+    state = [[1, 0] for _ in plan.lists]
+    ran = 0
+
+    def ready(op, it):
+        return all(cnt[d] >= n[d] * (it - lag) for d, lag in plan.ops[op].deps if it - lag > 0)
+
+    while True:
+        progress = False
+        for sm, lst in enumerate(plan.lists):
+            st = state[sm]
+            while st[0] <= steps:
+                if st[1] == len(lst):
+                    st[0], st[1] = st[0] + 1, 0
+                    continue
+                x = lst[st[1]]
+                if x >= 0:
+                    if not ready(op_of[x], st[0]):
+                        break
+                    cnt[op_of[x]] += 1
+                    st[1] += 1
+                else:
+                    op = -x - 1
+                    if tickets[op] >= n[op] * st[0]:
+                        st[1] += 1
+                        continue
+                    if not ready(op, st[0]):
+                        break
+                    tickets[op] += 1
+                    cnt[op] += 1
+                ran += 1
+                progress = True
+        if all(st[0] > steps for st in state):
+            return ran
+        if not progress:
+            raise AssertionError(f"deadlock: SM states {state[:4]}...")
+
+
+def _ancestors(plan):
+    anc = []
+    for o in plan.ops:
+        a = 0
+        for d, lag in o.deps:
+            if lag == 0:
+                a |= anc[d] | (1 << d)
+        anc.append(a)
+    return anc
+
+
+def _unordered_reads(plan):
+    """(op, buffer, first writer) where an op references a buffer after its first writer without waiting on it
+    (directly or transitively) in the same step."""
+    anc = _ancestors(plan)
+    first, bad = {}, []
+    for i, o in enumerate(plan.ops):
+        for t in o.tasks:
+            for b, _ in t.p.values():
+                kind = plan.buffers[b].kind if b in plan.buffers else "?"
+                if kind in ("act", "scratch", "state") or b == "in:positions":
+                    w = first.setdefault(b, i)
+                    if w != i and not anc[i] >> w & 1:
+                        bad.append((o.name, b, plan.ops[w].name))
+    return bad
+
+
+def test_the_event_checks_catch_a_missing_wait():
+    import dataclasses
+
+    _, p = _plans("qwen3_0_6b", 1)
+    ops = [dataclasses.replace(o, deps=list(o.deps)) for o in p.ops]
+    i = next(j for j, o in enumerate(ops) if o.name == "q_rot.0.so")  # (later layers wait on it transitively)
+    ops[i].deps = [(d, lag) for d, lag in ops[i].deps if ops[d].kind != "so_rope_table"]
+    broken = dataclasses.replace(p, ops=ops)
+    assert {(a, b.split(":")[1], c) for a, b, c in _unordered_reads(broken)} == {
+        ("q_rot.0.so", "cos", ops[1].name),
+        ("q_rot.0.so", "sin", ops[1].name),
+    }
+
+
+def test_logits_graph_of_the_engine():
+    from mpkir.models.backends import logits_module
+    from mpkir.verify import analyze
+
+    m2, _ = logits_module(_module("qwen3_0_6b"), analyze(_module("qwen3_0_6b")))
+    p = apply_found_programs(lower(m2, greedy=True, batch=4), m2, load_programs())
+    assert len(p.replaced()) == 84 and p.logits == "v:logits"
+    consumed = {d for o in p.ops for d, lag in o.deps if lag == 0}
+    assert [p.ops[i].name for i in range(len(p.ops)) if i not in consumed] == ["logits"]
+
+
+@pytest.mark.parametrize(
+    "name,batch,force", [("qwen3_0_6b", 1, ()), ("qwen3_0_6b", 3, ()), ("llama3_2_1b", 2, ("act_down",))]
+)
+def test_events_consistent(name, batch, force):
+    base, p = _plans(name, batch, force)
+    for plan in (base, p):
+        op_of = _op_of(plan)
+        seen = [t for lst in plan.lists for t in lst if t >= 0]
+        assert len(seen) == len(set(seen)) == sum(len(o.tasks) for o in plan.ops if not o.jit)
+        for lst in plan.lists:
+            ops = [op_of[t] if t >= 0 else -t - 1 for t in lst]
+            assert ops == sorted(ops)
+        for i, o in enumerate(plan.ops):
+            assert len(o.deps) <= 4 and len(set(o.deps)) == len(o.deps)
+            assert all(lag == 1 or d < i for d, lag in o.deps)
+        assert _unordered_reads(plan) == []
+        consumed = {d for o in plan.ops for d, lag in o.deps if lag == 0}
+        assert len([i for i in range(len(plan.ops)) if i not in consumed]) == 1  # one final op (a sink)
+        # each step runs every task exactly once, with no deadlock
+        assert _simulate(plan, steps=2) == 2 * plan.num_tasks
+    emb = next(o for o in p.ops if o.kind == "embedding")
+    assert [(p.ops[d].name, lag) for d, lag in emb.deps] == [
+        (base.ops[d].name, lag) for d, lag in next(o for o in base.ops if o.kind == "embedding").deps
+    ]
+
+
+def test_consumers_wait_on_the_replacement():
+    _, p = _plans("qwen3_0_6b", 1)
+    names = [o.name for o in p.ops]
+    att = p.ops[names.index("attn.5.split")]
+    dep_names = {p.ops[d].name for d, _ in att.deps}
+    assert {"q_rot.5.so", "k_rot.5"} <= dep_names and p.ops[names.index("k_rot.5")].kind == "kv_append"
+    q6 = p.ops[names.index("q.6")]
+    assert {p.ops[d].name for d, _ in q6.deps} == {"x_out.5"} and p.ops[names.index("x_out.5")].kind == "add"
+    add = p.ops[names.index("x_out.5")]
+    so = p.ops[names.index("x_out.5.so")]
+    assert add.tasks[0].p[1] == so.tasks[0].p[3] and add.tasks[0].p[2] == ("v:x_out.5", 0)
+    assert add.tasks[0].p[0] == ("v:h_attn.5", 0) and add.tasks[0].a == {16: 1024, 17: 1024, 18: 0}
+
+
+# ------------------------------------------------------------------ one kernel, nvcc sm_90a
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@pytest.mark.parametrize("name,force", [("qwen3_0_6b", ()), ("llama3_2_1b", ("act_down",))])
+def test_one_kernel_compiles_for_sm90a(name, force, tmp_path):
+    base, p = _plans(name, 1, force)
+    src = emit_cuda(p)
+    # still the one megakernel: the found bodies are __device__ task functions, no kernel of their own
+    assert "__global__" not in so_source(p) and src.count("__global__") == emit_cuda(base).count("__global__")
+    assert ("mk_so_rope_table" in src) == (name == "qwen3_0_6b")
+    for v in p.so_variants:
+        assert f"__device__ void {v.variant}(const MkTask& t" in src and f"{v.variant}(t, it, B, smem)" in src
+    cu = tmp_path / "k.cu"
+    cu.write_text(src)
+    r = subprocess.run(
+        [
+            NVCC,
+            "-gencode",
+            "arch=compute_90a,code=sm_90a",
+            "-std=c++17",
+            "-c",
+            str(cu),
+            "-o",
+            str(tmp_path / "k.o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert emit_cuda(_plans(name, 2, force)[1]) == src  # one source for batches 1-2 (same GEMV variants)
+
+
+# ------------------------------------------------------------------ the replaced ops' tasks, run on the CPU
+def _lib(plan):
+    from mpkir.passes.superopt.cpuexec import _compile
+    from mpkir.passes.superopt.cuda import PRELUDE
+
+    bodies = so_bodies(plan)
+    runners = ["struct MkTask { long long p[12]; int a[32]; };"]
+    for b in bodies:
+        args = [
+            f"({q.ctype}*)t.p[{k}]" if q.output else f"(const {q.ctype}*)t.p[{k}]"
+            for k, q in enumerate(b.params)
+        ]
+        call = f"{b.func}({', '.join([*args, 't.a[16]', 'smem'])})"
+        runners.append(_runner("run_" + b.func, call))
+    runners.append(
+        _runner(
+            "run_rope_table",
+            "so_rope_table((const int*)t.p[0], (const float*)t.p[1], "
+            "(float*)t.p[2], (float*)t.p[3], t.a[16], t.a[17])",
+        )
+    )
+    return _compile(PRELUDE + SO_GLUE + "\n".join(b.source for b in bodies) + "\n".join(runners))
+
+
+def _runner(name, call):
+    return (
+        f'extern "C" void {name}(const MkTask* ts, int n, int B, char* smem) {{\n'
+        f"  for (int i = 0; i < n; ++i) {{\n"
+        f"    const MkTask& t = ts[i];\n    if (t.a[17] >= B) continue;\n    {call};\n  }}\n}}\n"
+    )
+
+
+class _Mem:
+    """Host arrays for the plan's buffers (bf16 as uint16 bits), poisoned; tasks resolved to MkTask rows."""
+
+    def __init__(self, plan):
+        self.plan, self.a = plan, {}
+
+    def get(self, name):
+        if name not in self.a:
+            b = self.plan.buffers[name]
+            dt = {"bf16": np.uint16, "f32": np.float32, "i32": np.int32}[b.dtype]
+            fill = {"bf16": 0x7FC0, "f32": np.nan, "i32": -1}[b.dtype]
+            self.a[name] = np.full(b.shape, fill, dt)
+            if b.kind == "const":
+                self.a[name][...] = np.asarray(b.data).reshape(b.shape)
+        return self.a[name]
+
+    def table(self, tasks):
+        dt = np.dtype([("p", "<i8", (12,)), ("a", "<i4", (32,))])
+        tab = np.zeros(len(tasks), dt)
+        for k, t in enumerate(tasks):
+            for i, (bn, off) in t.p.items():
+                tab[k]["p"][i] = self.get(bn).ctypes.data + off
+            for i, v in t.a.items():
+                tab[k]["a"][i] = v
+        return tab
+
+    def run(self, lib, fn, tasks, B, smem):
+        tab = self.table(tasks)
+        buf = ctypes.create_string_buffer(max(16, smem))
+        getattr(lib, fn)(tab.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(len(tab)), ctypes.c_int(B), buf)
+
+
+def _interp(src, inputs, weights):
+    from mpkir.interpreter import run_graph
+
+    return np.asarray(run_graph(parse(src, "t.mpk"), inputs, weights)[0], np.float64)
+
+
+def _rel(a, b):
+    a = np.asarray(a, np.float64)
+    assert np.all(np.isfinite(a))
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _bf16(x):
+    from mpkir.passes.superopt.cpuexec import to_bf16
+
+    return to_bf16(np.asarray(x, np.float64))
+
+
+def _f(bits):
+    from mpkir.passes.superopt.cpuexec import from_bf16
+
+    return from_bf16(bits)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+def test_replaced_tasks_compute_the_interpreters_values():
+    B, layer = 3, 2
+    _, p = _plans("qwen3_0_6b", B)
+    lib = _lib(p)
+    mem = _Mem(p)
+    rng = np.random.default_rng()
+    ops = {o.name: o for o in p.ops}
+    pos = rng.integers(0, 4000, 8).astype(np.int32)
+    mem.get("in:positions")[...] = pos
+    tab = next(o for o in p.ops if o.kind == "so_rope_table")
+    mem.run(lib, "run_rope_table", tab.tasks, B, 0)
+    for which, heads in (("q", 16), ("k", 8)):
+        so = ops[f"{which}_rot.{layer}.so"]
+        x = rng.standard_normal((8, heads * 128))
+        mem.get(f"v:{which}.{layer}")[...] = _bf16(x)
+        g = 1.0 + 0.1 * rng.standard_normal(128)
+        mem.get(f"w:model.layers.{layer}.self_attn.{which}_norm.weight")[...] = _bf16(g)
+        func = so.tasks[0].variant[3:]
+        mem.run(lib, "run_" + func, so.tasks, B, max(v.smem_bytes for v in p.so_variants))
+        got = _f(mem.get(f"v:{which}_rot.{layer}")).reshape(8, heads, 128)
+        src = f"""model "t"
+dim B <= 8
+weight g : bf16[128] = "g"
+graph main(%x: bf16[B, {heads}, 128], %positions: i32[B]) -> (bf16[B, {heads}, 128]) {{
+  %n = head_rmsnorm(%x, @g, eps=1e-6)
+  %r = rope(%n, %positions, theta=1000000.0, style=neox)
+  return %r
+}}"""
+        xb = _f(_bf16(x)).reshape(8, heads, 128)[:B].astype(np.float32)
+        ref = _interp(src, {"x": _as_bf16(xb), "positions": pos[:B]}, {"g": _as_bf16(_f(_bf16(g)))})
+        err = _rel(got[:B], ref)
+        print(f"{which} head-norm+rope rel err {err:.2e}")
+        assert err < 1e-2
+        assert np.all(np.isnan(got[B:]))  # tiles of tokens that are not live are not tasks at all
+    # act_down: gate/up -> the scratch mlp_out (the residual add is the hand-written mk_eltwise op)
+    so = ops[f"x_out.{layer}.so"]
+    gate, up = rng.standard_normal((8, 3072)), rng.standard_normal((8, 3072))
+    wd = 0.02 * rng.standard_normal((1024, 3072))
+    mem.get(f"v:gate.{layer}")[...] = _bf16(gate)
+    mem.get(f"v:up.{layer}")[...] = _bf16(up)
+    mem.get(f"w:model.layers.{layer}.mlp.down_proj.weight")[...] = _bf16(wd)
+    mem.run(lib, "run_" + so.tasks[0].variant[3:], so.tasks, B, max(v.smem_bytes for v in p.so_variants))
+    got = _f(mem.get(so.tasks[0].p[3][0]))
+    src = """model "t"
+dim B <= 8
+weight wd : bf16[1024, 3072] = "wd"
+graph main(%gate: bf16[B, 3072], %up: bf16[B, 3072]) -> (bf16[B, 1024]) {
+  %a = silu_mul(%gate, %up)
+  %y = linear(%a, @wd)
+  return %y
+}"""
+    ref = _interp(
+        src,
+        {"gate": _as_bf16(_f(_bf16(gate))[:B]), "up": _as_bf16(_f(_bf16(up))[:B])},
+        {"wd": _as_bf16(_f(_bf16(wd)))},
+    )
+    err = _rel(got[:B], ref)
+    print(f"act_down rel err {err:.2e}")
+    assert err < 1e-2
+
+
+def _as_bf16(x):
+    import ml_dtypes
+
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+def test_rope_table_matches_the_handwritten_angles():
+    """cos/sin of f32(pos) * inv_freq (f32), float64 trig: the table the found rope reads."""
+    _, p = _plans("qwen3_0_6b", 2)
+    lib = _lib(p)
+    mem = _Mem(p)
+    tab = next(o for o in p.ops if o.kind == "so_rope_table")
+    pos = np.array([5, 4095, 0, 0, 0, 0, 0, 0], np.int32)
+    mem.get("in:positions")[...] = pos
+    mem.run(lib, "run_rope_table", tab.tasks, 2, 0)
+    inv = np.asarray(p.buffers[tab.tasks[0].p[1][0]].data, np.float32)
+    ang = (pos[:2, None].astype(np.float32) * np.concatenate([inv, inv])[None]).astype(np.float64)
+    cs, sn = mem.get(tab.tasks[0].p[2][0]), mem.get(tab.tasks[0].p[3][0])
+    assert np.array_equal(cs[:2, 0], np.cos(ang).astype(np.float32))
+    assert np.array_equal(sn[:2, 0], np.sin(ang).astype(np.float32))
+    assert np.all(np.isnan(cs[2:]))
+
+
+# ------------------------------------------------------------------ on the device (skipped without a GPU)
+@pytest.mark.gpu
+def test_gpu_found_programs_in_the_megakernel():
+    """Qwen3-0.6B, batch 1: the found kernel's replaced ops against float64 from its own buffers, its logits
+    and 8 greedy tokens against the hand-written kernel's (bench/superopt_megakernel_check.py on a GPU)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from superopt_megakernel_check import _device_model
+
+    r = _device_model("qwen3_0_6b", ())
+    assert r["replaced"] == {"headnorm_rope": 56, "act_down": 28}
+    assert r["worst_op_rel_err"] < 1e-2 and all(v for k, v in r["ops_found"].items() if k.endswith("exact"))
+    assert r["found_vs_handwritten"]["logits"] < 5e-2 and r["greedy_equal_steps"] == 8
