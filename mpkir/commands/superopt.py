@@ -41,7 +41,7 @@ def report_lines(results, errors) -> list[str]:
         if hw:
             lines.append(
                 f"   hand-written: {hw['body']}: predicted {hw['time_ns'] / 1000:.1f} us, "
-                f"HBM {hw['bytes']} B, {hw['tasks']} tasks"
+                f"HBM {hw['bytes']} B, {hw.get('phases', 1)} phase(s) at the calibrated hand-written rate"
             )
         applied, why = r.decision
         lines.append(f"   decision: {'APPLY' if applied else 'KEEP'}: {why}")
