@@ -110,3 +110,23 @@ extern "C" __global__ void __launch_bounds__(MK_NT, 1) mk_probe_all(const MkTask
   mk_argmax_pairs_bf16(ts[3], it, B, smem);
 }}
 """
+
+
+DISPATCH_MARK = "// ---- dispatch over the task variants"
+
+
+def uses_collectives(plan) -> bool:
+    return any(v in BODIES for v in plan.variants)
+
+
+def with_collectives(src: str, plan) -> str:
+    """``emit_cuda(plan)`` plus the collective bodies (and ``MK_COLLECTIVES``: producers of events that peers
+    wait on signal at system scope) for a plan that uses them; the source unchanged otherwise.  (Equivalent
+    to listing ``mk_allreduce.cuh`` in emit.py's headers behind ``#define MK_COLLECTIVES 1``.)"""
+    if not uses_collectives(plan) or "#define MK_COLLECTIVES 1" in src:  # (emit.py may add it itself)
+        return src
+    if DISPATCH_MARK not in src:
+        raise ValueError("emitted source has no dispatch section to insert the collective bodies before")
+    body = "\n".join(line for line in header_source().splitlines() if line.strip() != "#pragma once")
+    head, tail = src.split(DISPATCH_MARK, 1)
+    return f"{head}// ---- {HEADER}\n#define MK_COLLECTIVES 1\n{body}\n{DISPATCH_MARK}{tail}"

@@ -12,6 +12,18 @@ Fusions (pattern based, each keeps the reference rounding points):
 A graph may end in argmax / greedy sample of a linear (tokens) or return a linear's output (the engine's
 logits variant). Rope frequencies (llama3 scaling included) are a float32 table computed on the host.
 Events: one per fused op, fired by each of its tasks; a consumer waits for ``tasks(op) * step``.
+
+Tensor parallel (a rank module of the ``shard`` pass, ``world`` ranks): ``allreduce`` (one task per column
+tile, the residual add that follows fused), ``allreduce_argmax`` (local (max, index) pairs, then a merge over
+the peers) and ``allgather`` (one task per source rank) become collective tasks (codegen/mk_allreduce.cuh,
+parameters in codegen/allreduce.py).  Their inputs live in ``sym`` buffers (mapped by the peers); a pointer
+into peer q's copy is ``("peer:q:" + buffer, offset)`` and ``("mkpeers", 0)`` is the ``MkPeers`` struct,
+both resolved by the host.  Event ids are op indices and every rank's plan has the same ops, so a collective
+waits for the SAME event on its peers; the producers of those events signal at system scope (``a[14] = 1``).
+Collective tasks are always in the ahead-of-time lists.  One slot per symmetric buffer: a rank's next-step
+write of a collective's input comes after its own final op (the merge, which waited on every peer's pairs,
+which follow every collective read of that peer's step); ``runtime.multi_sim.check_plans`` runs the rank
+plans in random interleavings and checks every peer read sees exactly the current step's tile.
 """
 
 from __future__ import annotations
@@ -110,6 +122,7 @@ class Plan:
     smem_bytes: int
     variants: list[str]
     num_sms: int = NUM_SMS
+    world: int = 1  # tensor-parallel ranks (collective tasks present when > 1)
 
     @property
     def num_tasks(self) -> int:
@@ -124,7 +137,8 @@ def _err(msg: str, stmt=None) -> MpkError:
 
 
 class _Lowerer:
-    def __init__(self, module: ir.Module, analysis, num_sms: int, greedy: bool, batch: int | None):
+    def __init__(self, module: ir.Module, analysis, num_sms: int, greedy: bool, batch: int | None,
+                 world: int | None = None):
         from mpkir.passes.unroll import unroll
         from mpkir.semantics import build_env, resolve_type
         from mpkir.serve import serve_config
@@ -137,6 +151,9 @@ class _Lowerer:
         self.serve, _ = serve_config(sd, self.env)
         self.resolve_type = resolve_type
         self.maxB = int(self.serve.max_tokens)
+        tp = any(isinstance(s, ir.OpStmt) and s.op in ("allreduce", "allgather", "allreduce_argmax")
+                 for d in self.m.decls if isinstance(d, ir.GraphDecl) for s in d.body)
+        self.world = int(world or (getattr(self.serve, "gpus", 1) if tp else 1) or 1)
         self.B = min(self.maxB, batch or self.maxB)  # live tokens: tasks of tokens >= B are left out
         graphs = [d for d in self.m.decls if isinstance(d, ir.GraphDecl)]
         if not graphs:
@@ -180,6 +197,10 @@ class _Lowerer:
         shape = self.shape(t)
         if isinstance(d, ir.WeightDecl):
             ck = d.checkpoint_name(layer)
+            if getattr(d, "shard", None) is not None:  # a rank's slice (tied weights: other slices)
+                from mpkir.models.shard import weight_key
+
+                ck = weight_key(d, layer, self.env)
             return self.add_buffer("w:" + ck, "weight", shape, t.dtype.value, ck)
         name = f"s:{ref.name}" + (f"[{layer}]" if layer is not None else "")
         return self.add_buffer(name, "state", shape, t.dtype.value)
@@ -235,8 +256,17 @@ class _Lowerer:
             return ir.TensorType(x.dtype, tuple(self.attrs(s)["shape"]))
         if s.op == "cast":
             return ir.TensorType(ir.DType(str(self.attrs(s)["dtype"])), x.shape)
-        if s.op in ("argmax", "sample"):
+        if s.op in ("argmax", "sample", "allreduce_argmax"):
             return ir.TensorType(ir.DType.i32, x.shape[:-1])
+        if s.op == "allgather":  # the ranks' blocks side by side along axis
+            a = self.attrs(s)
+            ax = int(a.get("axis", -1)) % len(x.shape)
+            n = x.shape[ax]
+            if not isinstance(n, int):
+                raise _err("allgather along a symbolic dim is not supported on the GPU", s)
+            shape = list(x.shape)
+            shape[ax] = n * int(a.get("parts", self.world))
+            return ir.TensorType(x.dtype, tuple(shape))
         if s.op == "silu_mul" and len(s.operands) == 1:
             return ir.TensorType(x.dtype, (*x.shape[:-1], x.shape[-1] // 2))
         return x
@@ -539,9 +569,13 @@ class _Lowerer:
         return self.greedy or float(a.get("temperature", 1.0)) == 0.0
 
     def op_argmax(self, s):
+        if self.world > 1:  # of gathered logits (tensor parallel)
+            return self._argmax_peers(s, 0)
         raise _err("argmax must directly follow a linear (lm_head) on the GPU backend", s)
 
     def op_sample(self, s):
+        if self.world > 1 and self._greedy_sample(s):
+            return self._argmax_peers(s, 0)
         raise _err(
             "sampling with temperature > 0 is not implemented on the GPU backend yet (use --greedy)", s
         )
@@ -723,6 +757,109 @@ class _Lowerer:
             tasks.append(Task("mk_kv_append", dict(p), ta, cost=Hkv * D * 4))
         self.add_op(s.results[0] + ".kv_append", "kv_append", tasks, reads, writes)
 
+    # ---------------------------------------------------------------- collectives (tensor parallel)
+    def _symmetric(self, s, operand) -> tuple[str, int]:
+        """The collective's input as a symmetric buffer (peers map it) and its producer op (event)."""
+        x = self.val(operand)
+        prod = self.producer.get(x)
+        b = self.buffers[x]
+        if prod is None or b.kind not in ("act", "sym"):
+            raise _err(f"'{s.op}' on the GPU needs an input computed by the graph (got {x})", s)
+        b.kind = "sym"
+        op = self.ops[prod]
+        op.jit = False
+        for t in op.tasks:
+            t.a[14] = 1  # signal at system scope: peers wait on this event
+        return x, prod
+
+    def _peer_ptrs(self, buf: str, off: int) -> dict[int, tuple[str, int]]:
+        if not 1 <= self.world <= 8:
+            from mpkir.codegen.allreduce import MAX_RANKS
+
+            raise _err(f"tensor parallel over {self.world} GPUs: 1..{MAX_RANKS} supported")
+        return {q: (f"peer:{q}:{buf}", off) for q in range(self.world)}
+
+    def op_allreduce(self, s):
+        from mpkir.codegen.allreduce import AllreduceTile
+
+        x, prod = self._symmetric(s, s.operands[0])
+        shp = self.vshape(s.operands[0])
+        dt = self.buffers[x].dtype
+        if len(shp) != 2 or shp[0] != self.maxB or dt not in ("bf16", "f32"):
+            raise _err(f"allreduce on the GPU takes a [tokens, n] bf16/f32 tensor, got {dt}{list(shp)}", s)
+        H = shp[1]
+        res, reads = s.results[0], [x]
+        resid = None
+        user = self.single_use(s.results[0])
+        if user is not None and user.op == "add" and dt == "bf16":
+            other = [o for o in user.operands if o != ir.ValueRef(s.results[0])]
+            if len(other) == 1 and self.vshape(other[0]) == shp:
+                resid = self.val(other[0])
+                reads.append(resid)
+                self.fused.add(id(user))
+                res = user.results[0]
+        out = self.new_act(res, self.types[res])
+        if res != s.results[0]:
+            self.values[s.results[0]] = self.values[res]
+        esz = self.buffers[x].itemsize
+        cols = next((c for c in (256, 128, 64, 32, 16, 8) if H % c == 0), None)
+        if cols is None or (dt == "f32" and cols % 4):
+            raise _err(f"allreduce of width {H}: needs a multiple of 8 columns on the GPU", s)
+        tile = AllreduceTile(self.world, cols, H, prod, len(self.ops[prod].tasks), 0, dt)
+        tasks = []
+        for c0 in range(0, H, cols):
+            p = self._peer_ptrs(x, c0 * esz)
+            p[8] = (out, c0 * esz)
+            p[9] = ("mkpeers", 0)
+            if resid:
+                p[10] = (resid, c0 * esz)
+            tasks.append(Task(tile.body, p, dict(tile.params()), cost=self.B * cols * esz * self.world))
+        self.add_op(res, "allreduce", tasks, reads, [out])
+
+    def op_allreduce_argmax(self, s):
+        self._argmax_peers(s, int(self.attrs(s).get("offset", 0)))
+
+    def _argmax_peers(self, s, offset: int):
+        """Per-rank (max, global index) pairs of the bf16 logits, merged over the peers (the final op).  A
+        greedy sample / argmax of gathered (replicated) logits is the same with offset 0 on every rank."""
+        x = self.val(s.operands[0])
+        shp = self.vshape(s.operands[0])
+        prod = self.producer.get(x)
+        if prod is None or self.buffers[x].dtype != "bf16" or len(shp) != 2:
+            raise _err(f"{s.op} on the GPU takes the bf16 [tokens, V] logits computed by the graph", s)
+        V = shp[1]
+        pairs = self.add_buffer(f"argpairs:{s.results[0]}", "sym", (self.maxB, 2), "i32")
+        pt = Task(
+            "mk_argmax_pairs_bf16", {0: (x, 0), 8: (pairs, 0)}, {16: V, 17: V, 18: offset, 21: 0, 14: 1},
+            cost=self.B * V * 2,
+        )
+        pop = self.add_op(s.results[0] + ".pairs", "argmax_pairs", [pt], [x], [pairs])
+        outb = self.new_act(s.results[0], self.types[s.results[0]])
+        p = self._peer_ptrs(pairs, 0)
+        p.update({8: (outb, 0), 9: ("mkpeers", 0), 10: ("hist", 0)})
+        mt = Task("mk_argmax_merge_peers", p, {16: self.maxB, 18: self.maxB, 19: pop, 20: 1, 21: 0})
+        self.logits = x
+        self.final_op = self.add_op(s.results[0], "argmax_merge", [mt], [pairs], [outb, "hist"])
+
+    def op_allgather(self, s):
+        x, prod = self._symmetric(s, s.operands[0])
+        shp = self.vshape(s.operands[0])
+        a = self.attrs(s)
+        axis, parts = int(a.get("axis", -1)), int(a.get("parts", self.world))
+        b = self.buffers[x]
+        if len(shp) != 2 or axis not in (-1, 1) or parts != self.world or shp[1] * b.itemsize % 16:
+            raise _err(
+                "allgather on the GPU: a [tokens, n] tensor along its last axis over every rank, with rows "
+                f"of a multiple of 16 bytes (got {b.dtype}{list(shp)}, axis={axis}, parts={parts})", s)
+        out = self.new_act(s.results[0], self.types[s.results[0]])
+        rb = shp[1] * b.itemsize
+        tasks = []
+        for q in range(self.world):
+            p = {0: (f"peer:{q}:{x}", 0), 8: (out, q * rb), 9: ("mkpeers", 0)}
+            ta = {16: rb, 17: rb, 18: rb * self.world, 19: prod, 20: len(self.ops[prod].tasks), 21: 0, 22: q}
+            tasks.append(Task("mk_allgather_peer", p, ta, cost=self.B * rb))
+        self.add_op(s.results[0], "allgather", tasks, [x], [out])
+
     # ---------------------------------------------------------------- placement
     def finish(self, out: str) -> Plan:
         # levels: longest path from a source over same-step edges
@@ -760,6 +897,7 @@ class _Lowerer:
             smem_bytes=max(getattr(self, "smem", 0), 1024),
             variants=variants,
             num_sms=self.num_sms,
+            world=self.world,
         )
 
 
@@ -770,6 +908,8 @@ def lower(
     num_sms: int = NUM_SMS,
     greedy: bool = False,
     batch: int | None = None,
+    world: int | None = None,
 ) -> Plan:
-    """Lower the module's (first) graph to a megakernel plan for ``num_sms`` workers."""
-    return _Lowerer(module, analysis, num_sms, greedy, batch).run()
+    """Lower the module's (first) graph to a megakernel plan for ``num_sms`` workers (``world``: ranks of a
+    tensor-parallel rank module; default the serve block's ``gpus``)."""
+    return _Lowerer(module, analysis, num_sms, greedy, batch, world).run()

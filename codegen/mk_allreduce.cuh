@@ -20,10 +20,7 @@
 #define MK_MAX_RANKS 8
 #endif
 
-__device__ __forceinline__ void mk_red_release_sys(unsigned long long* p, unsigned long long v) {
-  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-// mk_ld_acquire_sys (system-scope acquire load) comes from mk_runtime.cuh.
+// mk_ld_acquire_sys / mk_red_release_sys (system-scope acquire load / release add) come from mk_runtime.cuh.
 
 // One per process, in device memory, filled by the host once the peers' allocations are mapped.
 struct MkPeers {
@@ -73,7 +70,9 @@ __device__ __forceinline__ uint4 mk_ld_peer16(const void* p) { return __ldcv((co
 
 // ---------------------------------------------------------------- allreduce (one tile, one-shot pull)
 // p[q] (q < world): rank q's partial tile, slot 0 (slot 1 at + a[21] elements); p[8] this rank's output
-// tile; p[9] MkPeers*.  a16 cols (multiple of 8), a17 row stride (elements, same on every rank),
+// tile; p[9] MkPeers*; p[10] (optional, bf16 only) a residual tile added after the reduction (the fused
+// `add`: out = bf16(bf16(sum) + residual), the reference rounding points).  a16 cols (multiple of 8), a17 row
+// stride (elements, same on every rank),
 // a19 event of the tile's producers, a20 its triggers per iteration, a21 slot stride (elements).
 // Rows: the B live tokens.  Sum in float32 in rank order 0..N-1: every rank writes the same bits.
 __device__ void mk_allreduce_bf16(const MkTask& t, int it, int B, char* smem) {
@@ -92,6 +91,11 @@ __device__ void mk_allreduce_bf16(const MkTask& t, int it, int B, char* smem) {
       mk_unpack8(mk_ld_peer16((const __nv_bfloat16*)t.p[q] + off), f);
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc[k] += f[k];
+    }
+    if (t.p[10]) {
+      mk_unpack8(mk_ld_act16((const __nv_bfloat16*)t.p[10] + (size_t)r * stride + c), f);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = mk_bf16_round(acc[k]) + f[k];
     }
     __align__(16) __nv_bfloat16 o[8];
 #pragma unroll
@@ -155,8 +159,9 @@ __device__ void mk_argmax_pairs_bf16(const MkTask& t, int it, int B, char* smem)
 
 // ---------------------------------------------------------------- vocabulary-parallel argmax merge
 // p[q]: rank q's (max as float bits, global index) pairs of this row tile (int2[rows], slot 1 at + a[21]
-// pairs); p[8] i32 output rows; p[9] MkPeers*; a16 rows.  Rank order, strictly greater wins: ties keep
-// the lowest global index.
+// pairs); p[8] i32 output rows; p[9] MkPeers*; a16 rows; p[10] (optional) the token history [steps][a18]:
+// row it-1 gets the tokens too (the next step's embedding reads them).  Rank order, strictly greater wins:
+// ties keep the lowest global index.
 __device__ void mk_argmax_merge_peers(const MkTask& t, int it, int B, char* smem) {
   const MkPeers* P = (const MkPeers*)t.p[9];
   if (!mk_block_wait_peers(t, it, (1u << P->world) - 1u)) return;
@@ -169,6 +174,7 @@ __device__ void mk_argmax_merge_peers(const MkTask& t, int it, int B, char* smem
       if (__int_as_float(v.x) > __int_as_float(best.x)) best = v;
     }
     ((int*)t.p[8])[r] = best.y;
+    if (t.p[10]) ((int*)t.p[10])[(size_t)(it - 1) * t.a[18] + r] = best.y;
   }
 }
 

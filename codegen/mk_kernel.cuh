@@ -50,6 +50,9 @@ __device__ __forceinline__ bool mk_walk(const MkTask* __restrict__ tasks, const 
     mk_dispatch(s_task, body_it, B, smem);   // bodies call mk_block_wait() themselves (waits: step it)
     if (!mk_block_wait(s_task)) return false;  // (no-op when the body waited) every task waits before signalling
     if (threadIdx.x == 0) {
+#ifdef MK_COLLECTIVES  // a[14]: peers on other GPUs wait on this event (tensor parallel)
+      if (s_task.a[14]) { __threadfence_system(); mk_red_release_sys(counters + s_task.a[1], 1ull); } else
+#endif
       mk_red_release(counters + s_task.a[1], 1ull);
       if (trace && ntrace < trace_cap) {
         unsigned long long* e = trace + ((size_t)sm * trace_cap + ntrace) * 4;
@@ -105,6 +108,9 @@ mk_megakernel(const MkTask* __restrict__ tasks, const int* __restrict__ list_off
       mk_dispatch(s_task, it, B, smem);      // bodies call mk_block_wait() themselves
       if (!mk_block_wait(s_task)) return;     // (no-op when the body waited) every task waits before signalling
       if (threadIdx.x == 0) {
+#ifdef MK_COLLECTIVES  // a[14]: peers on other GPUs wait on this event (tensor parallel)
+        if (s_task.a[14]) { __threadfence_system(); mk_red_release_sys(counters + s_task.a[1], 1ull); } else
+#endif
         mk_red_release(counters + s_task.a[1], 1ull);
         if (trace && ntrace < trace_cap) {
           unsigned long long* e = trace + ((size_t)sm * trace_cap + ntrace) * 4;

@@ -74,6 +74,9 @@ class Megakernel:
         self.plan: Plan = maybe_apply(
             lower(module, num_sms=self.num_sms, greedy=greedy, batch=batch), module, superopt
         )
+        if self.plan.world > 1:
+            raise DeviceError("a tensor-parallel rank module runs on TPMegakernel (python -m "
+                              "mpkir.models.shard_launch FILE --gpus N --device gpu)")
         self.src = emit_cuda(self.plan)
         self.source_hash = hashlib.sha256(self.src.encode()).hexdigest()[:16]
         self.lower_s = time.time() - t0
@@ -653,3 +656,199 @@ def run_cli(args) -> int:
         if not args.quiet:
             print(f"trace: {n} task events -> {args.trace}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------- tensor parallel
+def upload_weights(mk: Megakernel, weights) -> None:
+    """Copy every weight buffer of ``mk``'s plan from ``weights`` (keyed by the buffer's checkpoint key: a
+    rank's slices by ``mpkir.models.shard.weight_key``), as bf16; refuse missing or ill-shaped tensors."""
+    cp = mk.cp
+    bad = []
+    for name, b in mk.plan.buffers.items():
+        if b.kind != "weight":
+            continue
+        a = weights.get(b.checkpoint)
+        if a is None or tuple(np.shape(a)) != tuple(b.shape) or b.dtype != "bf16":
+            bad.append(f"{b.checkpoint}: {None if a is None else np.shape(a)} vs plan {b.dtype}{b.shape}")
+            continue
+        mk.bufs[name][...] = cp.asarray(bf16_bits(a))
+    if bad:
+        raise DeviceError("weights do not match the plan: " + "; ".join(bad[:8]))
+    cp.cuda.Device().synchronize()
+
+
+class TPMegakernel(Megakernel):
+    """One tensor-parallel rank's megakernel (a rank module of the ``shard`` pass; collectives as tasks).
+
+    Its symmetric buffers (the collectives' inputs) and its event counters live in one ``cudaMalloc`` arena
+    laid out identically on every rank (plans are identical), so peer q's copy of buffer X is peer q's arena
+    base + X's offset.  Peers exchange arena bases: ``ipc_handle()`` / ``map_peers(handles)`` between
+    processes (cudaIpcGetMemHandle / cudaIpcOpenMemHandle), plain pointers for ranks in one process.  No
+    managed memory, no NVLink multicast.  A launch is ``prepare(steps)`` (zero the counters) → a barrier of
+    all ranks → ``start(steps)`` → ``finish()``; ``num_sms`` workers (e.g. half the SMs when two ranks share
+    one GPU: ``co_resident=2`` refuses a kernel whose occupancy would not let both be resident).
+    """
+
+    def __init__(self, module, rank: int, world: int, num_sms: int | None = None, co_resident: int = 1,
+                 batch: int | None = None, spin_limit: int = 20_000_000):
+        from mpkir.codegen.allreduce import with_collectives
+
+        cp = self.cp = _cupy()
+        dev = cp.cuda.Device()
+        props = cp.cuda.runtime.getDeviceProperties(dev.id)
+        total = props["multiProcessorCount"]
+        self.device_name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        self.num_sms = num_sms or total // co_resident
+        self.module, self.greedy, self.superopt = module, True, None
+        self.rank, self.world = rank, world
+        t0 = time.time()
+        self.plan = lower(module, num_sms=self.num_sms, greedy=True, batch=batch, world=world)
+        self.src = with_collectives(emit_cuda(self.plan), self.plan)
+        self.source_hash = hashlib.sha256(self.src.encode()).hexdigest()[:16]
+        self.lower_s = time.time() - t0
+        t0 = time.time()
+        self.kernel = compile_source(self.src)
+        self.kernel.max_dynamic_shared_size_bytes = self.plan.smem_bytes
+        self.compile_s = time.time() - t0
+        occ = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            self.kernel.kernel.ptr, NT, self.plan.smem_bytes
+        )
+        if occ * total < self.num_sms * co_resident:
+            raise DeviceError(
+                f"{co_resident} rank megakernel(s) of {self.num_sms} workers cannot all be resident on "
+                f"{total} SMs at occupancy {occ}; refusing to launch"
+            )
+        self.occupancy = occ
+        self.spin_limit = spin_limit
+        self.bufs: dict[str, object] = {}
+        self.B = self.plan.batch
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self._opened: list[int] = []
+        self._alloc()
+
+    # ---------------------------------------------------------------- symmetric memory
+    def _alloc(self):
+        cp = self.cp
+        if getattr(self, "arena_ptr", None) is None:
+            off, o = arena_layout(self.plan)
+            sym = list(off)
+            self.sym_offsets, self.arena_bytes = off, o
+            self.arena_ptr = cp.cuda.runtime.malloc(o)
+            self._free = weakref.finalize(self, _free_arena, cp, self.arena_ptr, self._opened)
+            self.arena_counters = self._view(self.arena_ptr, (len(self.plan.ops),), cp.uint64)
+            for n in sym:
+                b = self.plan.buffers[n]
+                self.bufs[n] = self._view(self.arena_ptr + off[n], b.shape, _cp_dtype(cp, b.dtype))
+            cp.cuda.runtime.memset(self.arena_ptr, 0, o)
+        super()._alloc()
+
+    def _view(self, ptr: int, shape, dtype):
+        cp = self.cp
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        mem = cp.cuda.UnownedMemory(int(ptr), n, self)
+        return cp.ndarray(tuple(shape), dtype, cp.cuda.MemoryPointer(mem, 0))
+
+    def ipc_handle(self) -> bytes:
+        return bytes(self.cp.cuda.runtime.ipcGetMemHandle(self.arena_ptr))
+
+    def map_peers(self, bases) -> None:
+        """``bases[q]``: rank q's arena as an IPC handle (bytes, another process) or a device pointer (int,
+        this process); this rank's own entry is ignored.  Fills the peer views and ``MkPeers``."""
+        cp = self.cp
+        if len(bases) != self.world:
+            raise DeviceError(f"{len(bases)} peer arenas for a world of {self.world}")
+        base = []
+        for q, b in enumerate(bases):
+            if q == self.rank:
+                base.append(self.arena_ptr)
+            elif isinstance(b, (bytes, bytearray)):
+                p = cp.cuda.runtime.ipcOpenMemHandle(bytes(b), 1)  # cudaIpcMemLazyEnablePeerAccess
+                self._opened.append(p)
+                base.append(p)
+            else:
+                base.append(int(b))
+        for q in range(self.world):
+            for n, o in self.sym_offsets.items():
+                b = self.plan.buffers[n]
+                dt = _cp_dtype(cp, b.dtype)
+                mine = q == self.rank
+                self.bufs[f"peer:{q}:{n}"] = self.bufs[n] if mine else self._view(base[q] + o, b.shape, dt)
+        h = np.zeros(9, np.int64)  # struct MkPeers { u64* counters[8]; int rank, world; }
+        h[: self.world] = base
+        h[8] = self.rank | (self.world << 32)
+        self.bufs["mkpeers"] = cp.asarray(h)
+        self.peer_bases = base
+        self.d_tasks = None
+
+    # ---------------------------------------------------------------- launch in three phases
+    def _table(self):
+        super()._table()
+        self.d_counters = self.arena_counters  # the counters peers read (zeroed by prepare)
+
+    def prepare(self, steps: int) -> None:
+        """Before the all-rank barrier: task table, zeroed counters and control block, cleared history."""
+        cp = self.cp
+        if "mkpeers" not in self.bufs:
+            raise DeviceError("map_peers() first: the collective tasks need the peers' arenas")
+        if "hist" not in self.bufs or self.bufs["hist"].shape[0] != steps:
+            self.resize_hist(steps)
+            self.d_tasks = None
+        if getattr(self, "d_tasks", None) is None:
+            self._table()
+        self.d_ctrl.data.copy_from_device_async(self.d_ctrl_init.data, self.d_ctrl.nbytes)
+        self.arena_counters.fill(0)
+        self.bufs["hist"].fill(-1)
+        cp.cuda.Device().synchronize()
+
+    def start(self, steps: int, live: int | None = None) -> None:
+        """Launch (asynchronously, on this rank's stream) once every rank has prepared."""
+        e0, e1 = self.events
+        with self.stream:
+            e0.record()
+            self.kernel(
+                (self.plan.num_sms,), (NT,),
+                (self.d_tasks, self.d_off, self.d_list, self.d_counters, self.d_status, self.d_dump,
+                 np.uint64(0), np.int32(0), np.int32(steps), np.int32(self.B if live is None else live),
+                 np.int64(self.spin_limit), self.d_jit),
+                shared_mem=self.plan.smem_bytes,
+            )
+            e1.record()
+
+    def finish(self) -> float:
+        """Wait for the launch; raise with the watchdog report on a hang; elapsed ms."""
+        e0, e1 = self.events
+        e1.synchronize()
+        st = self.cp.asnumpy(self.d_status)
+        if st[0] != 0 or st[1] != 0:
+            raise DeviceError(f"rank {self.rank}: " + self.hang_report(st))
+        return self.cp.cuda.get_elapsed_time(e0, e1)
+
+    def launch(self, steps: int, trace_cap: int = 0, live: int | None = None):
+        if self.world != 1:
+            raise DeviceError("a tensor-parallel rank launches with prepare / barrier / start / finish")
+        self.prepare(steps)
+        self.start(steps, live)
+        return self.finish()
+
+
+def arena_layout(plan: Plan) -> tuple[dict[str, int], int]:
+    """Byte offsets of the symmetric buffers in a rank's arena (the event counters, u64 per op, first; every
+    piece 256-byte aligned) and the arena's size: a function of the plan alone, so the same on every rank."""
+    off, o = {}, (len(plan.ops) * 8 + 255) // 256 * 256
+    for n in sorted(n for n, b in plan.buffers.items() if b.kind == "sym"):
+        off[n] = o
+        o += (plan.buffers[n].nbytes + 255) // 256 * 256
+    return off, o
+
+
+def _cp_dtype(cp, dtype: str):
+    return {"bf16": cp.uint16, "f32": cp.float32, "i32": cp.int32}[dtype]
+
+
+def _free_arena(cp, ptr: int, opened: list[int]) -> None:
+    try:
+        for p in opened:
+            cp.cuda.runtime.ipcCloseMemHandle(p)
+        cp.cuda.runtime.free(ptr)
+    except Exception:  # interpreter shutdown: the driver frees it with the context
+        pass

@@ -54,7 +54,8 @@ from mpkir.runtime.simulator import Deadlock, Simulator, UnwrittenRead
 PEER_KINDS = ("allreduce", "allgather", "argmax_merge")
 """Task kinds that read peers' memory (and so wait on peers' flags)."""
 
-__all__ = ["PEER_KINDS", "Deadlock", "MultiGraph", "StaleRead", "assemble", "build_multi", "build_rank_graph",
+__all__ = ["PEER_KINDS", "PEER_VARIANTS", "Deadlock", "MultiGraph", "StaleRead", "assemble", "build_multi",
+           "build_rank_graph", "check_plans",
            "simulate_multi", "slot_plan", "symmetric_tensors"]
 
 
@@ -494,3 +495,91 @@ def simulate_multi(mg: MultiGraph, weights: Sequence[Mapping[str, np.ndarray]],
             if counters[r][e] == events[e].num_triggers * it:
                 fire(r, e, it)
     return results, [s.final_state() for s in sims]
+
+
+# ------------------------------------------------------------------------------- megakernel rank plans
+PEER_VARIANTS = ("mk_allreduce_bf16", "mk_allreduce_f32", "mk_argmax_merge_peers", "mk_allgather_peer")
+"""Task bodies of ``codegen/mk_allreduce.cuh`` that wait on peers' counters and read peers' memory."""
+
+
+def check_plans(plans: Sequence, steps: int = 3, seed: int = 0, peer_waits: bool = True) -> int:
+    """Run the CUDA rank plans (``codegen.lower.Plan``, one per rank) under the megakernel's protocol in one
+    random interleaving of every worker of every rank: AOT lists walked in order each step, JIT slots
+    claimed by ticket, a task runs once its local events reach ``tasks(d) * (it - lag)`` and, for a
+    collective, the peers' counter of event ``a[19]`` reaches ``a[20] * it``; tasks are atomic.  Every peer
+    (or own) symmetric read at step ``it`` must find exactly ``a[20] * it`` producer signals on the owner:
+    fewer is a read before the write, more a write of step ``it + 1`` over a one-slot buffer a reader still
+    needs (both :class:`StaleRead`).  :class:`Deadlock` when no worker can move.  Returns the moves made.
+    ``peer_waits=False`` drops the peer waits (a test that the check can fail)."""
+    rng = random.Random(seed)
+    n = len(plans)
+    ntask = [[len(o.tasks) for o in p.ops] for p in plans]
+    flat = [[(oi, t) for oi, o in enumerate(p.ops) for t in o.tasks] for p in plans]
+    counters = [[0] * len(p.ops) for p in plans]
+    tickets = [dict() for _ in plans]
+    # worker: [rank, list, index, it, claimed task id or None]
+    workers = [[r, lst, 0, 1, None] for r, p in enumerate(plans) for lst in p.lists]
+
+    def ready(r: int, tid: int, it: int) -> bool:
+        oi, t = flat[r][tid]
+        for d, lag in plans[r].ops[oi].deps:
+            if it - lag > 0 and counters[r][d] < ntask[r][d] * (it - lag):
+                return False
+        if peer_waits and t.variant in PEER_VARIANTS:
+            qs = [t.a[22]] if t.variant == "mk_allgather_peer" else range(n)
+            if any(counters[q][t.a[19]] < t.a[20] * it for q in qs if q != r):
+                return False
+        return True
+
+    def run(r: int, tid: int, it: int) -> None:
+        oi, t = flat[r][tid]
+        if t.variant in PEER_VARIANTS:
+            for k, (buf, _) in t.p.items():
+                if k < 8 and buf.startswith("peer:"):
+                    q = int(buf.split(":", 2)[1])
+                    got, want = counters[q][t.a[19]], t.a[20] * it
+                    if got != want:
+                        what = "not yet written" if got < want else "already overwritten by the next step"
+                        raise StaleRead(f"rank {r} {plans[r].ops[oi].name} step {it} reads rank {q}'s "
+                                        f"{buf.split(':', 2)[2]}: {what} ({got} signals, {want} expected)")
+        counters[r][oi] += 1
+
+    def move(w) -> bool:
+        """One enabled move of worker w (claim, skip, run, next step); False when it waits or is done."""
+        r, lst, i, it, claimed = w
+        if it > steps:
+            return False
+        if i == len(lst):
+            w[2], w[3] = 0, it + 1
+            return True
+        item = lst[i]
+        if item < 0 and claimed is None:
+            oi = -item - 1
+            k = tickets[r].get((oi, it), 0)
+            if k < ntask[r][oi]:
+                tickets[r][(oi, it)] = k + 1
+                w[4] = plans[r].ops[oi].first_task + k
+            else:
+                w[2] = i + 1
+            return True
+        tid = claimed if item < 0 else item
+        if not ready(r, tid, it):
+            return False
+        run(r, tid, it)
+        if item < 0:
+            w[4] = None
+        else:
+            w[2] = i + 1
+        return True
+
+    moves = 0
+    while True:
+        order = list(range(len(workers)))
+        rng.shuffle(order)
+        if not any(move(workers[k]) for k in order):
+            break
+        moves += 1
+    left = [(w[0], w[3]) for w in workers if w[3] <= steps]
+    if left:
+        raise Deadlock(f"{len(left)} workers stuck, e.g. rank {left[0][0]} at step {left[0][1]}")
+    return moves

@@ -17,6 +17,10 @@ tokens of every step.  Rank r's process does what the CUDA launcher will do on G
    then unmap and free.
 
 The layout of a region depends only on the rank graph, which is the same on every rank.
+
+``--device gpu`` runs the same steps with CUDA megakernels instead (``mpkir/models/shard_gpu.py``): one
+process per rank, every rank on the current GPU (``1/N`` of its SMs each), arenas exchanged as CUDA IPC
+handles; it prints rank 0's tokens of every step and each rank's launch time.
 """
 
 from __future__ import annotations
@@ -281,12 +285,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                    help="gpu: one rank megakernel per process, all on the current GPU (CUDA IPC)")
     args = ap.parse_args(argv)
     from mpkir.diagnostics import MpkError
 
     with open(args.file, encoding="utf-8") as f:
         text = f.read()
     try:
+        if args.device == "gpu":
+            from mpkir.models.shard_gpu import launch_gpu
+
+            res = launch_gpu(text, args.gpus, args.steps, args.seed, args.file)
+            for step, row in enumerate(res[0][0]):
+                print(f"step {step}: " + " ".join(map(str, row)))
+            for r, (_, ms, dev, nsm) in enumerate(res):
+                print(f"rank {r}: {ms:.3f} ms for {args.steps} steps, {nsm} workers on {dev}")
+            return 0
         outs = launch(text, args.gpus, args.steps, args.seed, args.workers, args.file)
     except MpkError as e:
         print(e.render(text) if hasattr(e, "render") else str(e), file=sys.stderr)
