@@ -4,8 +4,6 @@ sm_90a (``nvcc -gencode arch=compute_90a,code=sm_90a -c``)."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,10 +12,10 @@ from mpkir.codegen.emit import emit_cuda
 from mpkir.codegen.lower import lower
 from mpkir.diagnostics import MpkError
 from mpkir.parser import parse, parse_file
+from mpkir.testing.nvcc import NVCC, nvcc_sm90a
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MODELS = ["smollm2_135m", "qwen3_0_6b", "llama3_2_1b", "qwen3_1_7b", "qwen3_8b"]
-NVCC = shutil.which("nvcc")
 
 
 def _plan(name: str, batch=None):
@@ -71,23 +69,7 @@ def test_sample_needs_greedy():
 
 
 def _nvcc(src: str, tmp_path: Path) -> None:
-    cu = tmp_path / "k.cu"
-    cu.write_text(src)
-    r = subprocess.run(
-        [
-            NVCC,
-            "-gencode",
-            "arch=compute_90a,code=sm_90a",
-            "-std=c++17",
-            "-c",
-            str(cu),
-            "-o",
-            str(tmp_path / "k.o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = nvcc_sm90a(src, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
 
 

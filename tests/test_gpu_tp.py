@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +17,10 @@ from mpkir.codegen.emit import emit_cuda
 from mpkir.codegen.lower import lower
 from mpkir.parser import parse
 from mpkir.passes.shard import shard_module
+from mpkir.testing.nvcc import NVCC, nvcc_sm90a
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NVCC = shutil.which("nvcc")
+
 # the examples shrunk to shapes the GPU bodies support (head_dim 64, K multiple of 32, GQA group 2)
 GPU_SMALL = {"vocab": 512, "hidden": 256, "layers": 2, "heads": 8, "kv_heads": 4, "head_dim": 64, "ffn": 512,
              "max_seq_len": 64, "page_size": 16, "max_tokens": 4, "max_requests": 4}
@@ -163,10 +162,7 @@ def test_rank_kernel_compiles_for_sm90a(name, tmp_path):
     srcs = [with_collectives(emit_cuda(p), p) for p in plans]
     # rank sources differ only in nothing: parameters are data (task table), not code
     assert srcs[0] == srcs[1] and "#define MK_COLLECTIVES 1" in srcs[0]
-    cu = tmp_path / "rank.cu"
-    cu.write_text(srcs[0])
-    cmd = [NVCC, "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", "-ptx", "-o", "rank.ptx", str(cu)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = nvcc_sm90a(srcs[0], tmp_path, output="rank.ptx", ptx=True)
     assert r.returncode == 0, r.stderr[-4000:]
     ptx = (tmp_path / "rank.ptx").read_text()
     assert "red.release.sys" in ptx and "ld.acquire.sys" in ptx and "multimem" not in ptx

@@ -5,30 +5,18 @@ counters) and matches the float32 rank-order sum."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from mpkir.codegen.allreduce import BODIES, AllreduceTile, header_source, probe_source
-
-NVCC = shutil.which("nvcc")
-
-
-def _nvcc(src: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    cu = tmp_path / "probe.cu"
-    cu.write_text(src)
-    return subprocess.run([NVCC, "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", *extra, str(cu)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+from mpkir.testing.nvcc import NVCC, nvcc_sm90a
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 def test_collective_bodies_compile_for_sm90a(tmp_path):
-    r = _nvcc(probe_source(), tmp_path, "-c", "-o", "probe.o")
+    r = nvcc_sm90a(probe_source(), tmp_path, output="probe.o")
     assert r.returncode == 0, r.stderr[-4000:]
-    r = _nvcc(probe_source(), tmp_path, "-ptx", "-o", "probe.ptx")
+    r = nvcc_sm90a(probe_source(), tmp_path, output="probe.ptx", ptx=True)
     assert r.returncode == 0, r.stderr[-4000:]
     ptx = (tmp_path / "probe.ptx").read_text()
     assert "ld.acquire.sys" in ptx and "red.release.sys" in ptx   # flags at system scope (peers)
