@@ -7,6 +7,7 @@ import pytest
 
 from mpkir.diagnostics import MpkError
 from mpkir.models.engine import (
+    BackgroundEngine,
     Engine,
     EngineConfig,
     MemoryPlan,
@@ -90,6 +91,21 @@ def test_requests_joining_mid_run_do_not_change_others(model):
         reqs.append(e.submit(p, 12))
     e.run()
     assert [r.output for r in reqs] == ref
+
+
+def test_background_engine_serves_then_closes_its_backend(model):
+    """The server's engine thread: requests joining while it runs get their greedy tokens, and close()
+    stops the backend too (the resident megakernel ends its launch)."""
+    prompts = _prompts(4, lens=(6, 11))
+    e = _engine(model, max_requests=2, max_tokens=16)
+    closed = []
+    e.backend.close = lambda: closed.append(True)
+    bg = BackgroundEngine(e)
+    reqs = [bg.submit(p, 8) for p in prompts]
+    assert all(r.wait(timeout=60) for r in reqs)
+    bg.close()
+    assert [r.output for r in reqs] == [model.greedy(p, 8) for p in prompts]
+    assert closed == [True] and not bg.thread.is_alive()
 
 
 def test_out_of_pages_queues_instead_of_corrupting(model):

@@ -510,9 +510,13 @@ class BackgroundEngine:
                 return
 
     def close(self) -> None:
+        """Stop the engine thread, then the backend (the resident megakernel ends its launch)."""
         self._stop.set()
         self._wake.set()
         self.thread.join(timeout=10)
+        close_backend = getattr(self.engine.backend, "close", None)
+        if close_backend is not None and not self.thread.is_alive():
+            close_backend()
 
 
 # --------------------------------------------------------------------------- memory guard
