@@ -198,3 +198,23 @@ def test_generate_command_json(ckpt, capsys):
     assert [r["tokens"] for r in res["results"]] == ckpt["want"][:2]
     assert res["stats"]["generated_tokens"] == 2 * N_NEW and res["stats"]["tokens_per_s"] > 0
     assert "tokens/s" in out.err
+
+
+def test_gpu_backend_choice_reaches_the_runtime(monkeypatch):
+    """``make_backend`` asks the runtime for the backend the user chose; greedy-only runs get token ids
+    back from the resident kernel instead of logits (checked on the GPU in tests/test_gpu_persistent.py)."""
+    from types import SimpleNamespace
+
+    from mpkir.diagnostics import MpkError
+    from mpkir.models.backends import make_backend
+    from mpkir.runtime import host
+
+    calls = []
+    monkeypatch.setattr(host, "make_step_backend", lambda *a, **kw: calls.append(kw) or "backend")
+    loaded = SimpleNamespace(module="m", analysis="a", weights="w")
+    assert make_backend(loaded, "gpu", gpu_backend="resident", greedy_only=True) == "backend"
+    make_backend(loaded, "gpu", gpu_backend="resident")
+    make_backend(loaded, "gpu", gpu_backend="step", greedy_only=True)
+    assert calls == [{"resident": True, "output": "ids"}, {"resident": True, "output": "logits"}, {}]
+    with pytest.raises(MpkError, match="unknown GPU backend"):
+        make_backend(loaded, "gpu", gpu_backend="nope")

@@ -96,6 +96,7 @@ def run(args) -> int:
         precision=args.precision,
         batch=batch,
         gpu_backend=args.gpu_backend,
+        greedy_only=args.sampling == "greedy",
         step_tokens=args.step_tokens,
         max_seq_len=args.max_seq_len,
         speculative=args.speculative,

@@ -73,12 +73,14 @@ def open_runner(
     ngram: int | None = None,
     progress: Progress | None = None,
     gpu_backend: str | None = None,
+    greedy_only: bool = False,
 ) -> Runner:
     """Load ``model`` (path or ``default``) and build an engine for ``batch`` concurrent requests.
 
     ``step_tokens`` is the token budget of one step (chunked prefill + decode), by default enough for
     every request's decode token and drafts plus a prefill chunk.  ``gpu_backend``: ``resident`` or ``step``
-    (see :func:`mpkir.models.backends.make_backend`).
+    (see :func:`mpkir.models.backends.make_backend`); ``greedy_only``: every request will be greedy (the
+    GPU then returns token ids, not logits).
     """
     device = pick_device(device)
     per_req = 1 + ((spec_k or 4) if speculative else 0)
@@ -103,7 +105,11 @@ def open_runner(
     if progress is not None:
         progress("prepare " + device, 0, 0)
     backend = make_backend(
-        loaded, device, float_storage="f32" if wdt == "f32" else None, gpu_backend=gpu_backend
+        loaded,
+        device,
+        float_storage="f32" if wdt == "f32" else None,
+        gpu_backend=gpu_backend,
+        greedy_only=greedy_only,
     )
     stops = list(loaded.tokenizer.eos_token_ids) if loaded.tokenizer is not None else []
     cfg = EngineConfig.from_serve(loaded.serve, stop_ids=stops)
