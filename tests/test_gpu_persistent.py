@@ -174,3 +174,21 @@ def test_idle_kernel_ends_and_the_next_step_relaunches(ckpt):
         assert be.launches == 2
     finally:
         be.close()
+
+
+def test_generate_command_on_the_gpu_equals_the_cpu_path(ckpt, capsys):
+    """``mpkir generate --device gpu`` (resident kernel; greedy, so ids come back) = the CPU path's tokens."""
+    import json
+
+    from mpkir.cli import main
+
+    def run(*extra):
+        prompts = ["--prompt", "the quick brown fox", "--prompt", "Paris"]
+        flags = ["--max-tokens", "10", "--ignore-eos", "--json", "--no-progress"]
+        args = ["generate", "--model", str(ckpt["dir"]), *prompts, *flags, *extra]
+        assert main(args) == 0
+        return [r["tokens"] for r in json.loads(capsys.readouterr().out)["results"]]
+
+    cpu = run("--device", "cpu", "--precision", "bf16")
+    assert run("--device", "gpu") == cpu
+    assert run("--device", "gpu", "--gpu-backend", "step") == cpu
