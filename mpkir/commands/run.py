@@ -252,12 +252,14 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "run", help="execute a graph on the CPU (NumPy reference interpreter)",
+        "run", help="execute a graph: CPU reference interpreter, or the GPU megakernel (--device gpu)",
         description="Verify FILE and execute one graph with the NumPy reference interpreter (bf16 stored "
                     "through ml-dtypes, computed in float32). Inputs not given are made up: random token "
                     "ids in the vocabulary, positions 0..T-1 of one request, seq_ids 0, a page table, "
                     "random floats. Weights are random unless --weights is given; state (KV caches) starts "
-                    "at zero. Prints every input and output with its shape and a few values.")
+                    "at zero. Prints every input and output with its shape and a few values. With --device "
+                    "gpu the graph is compiled into one CUDA megakernel that runs --steps decode steps in "
+                    "one launch (random weights) and prints the tokens and the time per step.")
     p.add_argument("path", metavar="FILE", help=".mpk file ('-' reads stdin)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--inputs", metavar="IN.npz",
