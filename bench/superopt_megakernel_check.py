@@ -9,15 +9,17 @@ builds two megakernels from the same module: the hand-written plan
 
 * runs one step of each with every activation and scratch buffer poisoned (NaN) first, then recomputes every
   replaced op in float64 NumPy from the kernel's OWN input buffers (no compounding: q/k head-norm+rope, the
-  k/v rows the step appends to the paged cache, silu_mul->down+residual) and compares both kernels
-  (relative error of the bf16 outputs, < 1e-2), plus the found kernel's outputs against the hand-written
-  kernel's (those ops, the logits, the token);
+  k/v rows the step appends to the paged cache, silu_mul->down+residual, paged attention + merge from the
+  kernel's q, page table and caches: the found split-KV body when ``--force decode_attention``) and compares
+  both kernels (relative error of the bf16 outputs, < 1e-2), plus the found kernel's outputs against the
+  hand-written kernel's (those ops, the logits, the token);
 * runs 8 greedy steps in one launch on each and compares the tokens (``logit_margin_top2``: the hand-written
   kernel's top-1/top-2 logit gap at step 1, to judge a flip: the found bodies round at other points);
 * times ms/step of each: median of 5 launches of 64 steps (after a warm-up launch).
 
 Needs CuPy + numpy + mpkir (``bash bench/dev_setup.sh``). Under 2 minutes on one H100:
     python bench/superopt_megakernel_check.py --out superopt_mk_h100.json
+    python bench/superopt_megakernel_check.py --force decode_attention --out superopt_mk_attn_h100.json
 ``--dry-run`` does everything but the GPU: plans, the replaced/skipped table, the .cu, nvcc sm_90a compile.
 The Megakernel is built through ``mpkir.runtime.host`` unchanged: the script wraps the ``lower`` it calls.
 """
@@ -143,6 +145,37 @@ def _headnorm_rope(x, g, eps, pos, inv):
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
 
 
+def _attention(V, plan, layer: int, B: int) -> float:
+    """Layer ``layer``'s paged attention (hand-written mk_attention or the found split-KV body, + merge),
+    recomputed in float64 from the kernel's own q and (appended) paged caches: its output's relative error."""
+    import struct
+
+    sp = [o for o in plan.ops if o.kind == "attention"][layer]
+    t = sp.tasks[0]
+    q, kc, vc = V(t.p[0][0]), V.raw(t.p[3][0]), V.raw(t.p[4][0])
+    tab, posv, sid = (V.raw(t.p[k][0]).astype(np.int64) for k in (5, 6, 7))
+    part = t.p[8][0]
+    merge = [o for o in plan.ops if o.kind == "attention_merge" and o.tasks[0].p[0][0] == part]
+    out = merge[0].tasks[0].p[1][0] if merge else part
+    scale = struct.unpack("<f", struct.pack("<i", t.a[23]))[0]
+    Hkv, PG = t.a[20], t.a[21]
+    D = kc.shape[-1]
+    q = q[:B].reshape(B, -1, D)
+    G = q.shape[1] // Hkv
+    ref = np.zeros_like(q)
+    for b in range(B):
+        if sid[b] < 0:
+            continue
+        n = int(posv[b]) + 1
+        pages = tab[sid[b], : (n - 1) // PG + 1]
+        k = _f(kc[pages].reshape(-1, Hkv, D)[:n]).transpose(1, 0, 2)  # [Hkv, n, D]
+        v = _f(vc[pages].reshape(-1, Hkv, D)[:n]).transpose(1, 0, 2)
+        s = np.einsum("hgd,hnd->hgn", q[b].reshape(Hkv, G, D), k) * scale
+        e = np.exp(s - s.max(-1, keepdims=True))
+        ref[b] = (np.einsum("hgn,hnd->hgd", e, v) / e.sum(-1)[..., None]).reshape(-1, D)
+    return _rel(V(out)[:B].reshape(ref.shape), ref)
+
+
 def _check_step(mk, B, layers, eps, pos) -> dict:
     """Every replaced op kind of two layers, recomputed from the kernel's own inputs (float64)."""
     V = _View(mk)
@@ -174,6 +207,7 @@ def _check_step(mk, B, layers, eps, pos) -> dict:
         wd = V(p + "mlp.down_proj.weight")
         ref = V(f"v:h_attn.{layer}")[:B] + _rb(act @ wd.T)
         out[f"L{layer}.silu_mul_down_residual"] = _rel(V(f"v:x_out.{layer}")[:B], ref)
+        out[f"L{layer}.paged_attention"] = _attention(V, plan, layer, B)
     return out
 
 
@@ -233,7 +267,7 @@ def _device_model(name, force, vocab_seed=1) -> dict:
     Vh, Vs = _View(mk_h), _View(mk_s)
     vs = {}
     for layer in (0, L - 1):
-        for v in ("q_rot", "k_rot", "x_out"):
+        for v in ("q_rot", "k_rot", "attn", "x_out"):
             if f"v:{v}.{layer}" in mk_s.plan.buffers:
                 vs[f"L{layer}.{v}"] = _rel(Vs(f"v:{v}.{layer}")[:B], Vh(f"v:{v}.{layer}")[:B])
     lg_h, lg_s = Vh(mk_h.plan.logits)[:B], Vs(mk_s.plan.logits)[:B]
@@ -312,6 +346,12 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--dry-run", action="store_true", help="plans, .cu, nvcc sm_90a; no GPU")
     ap.add_argument("--no-nvcc", action="store_true", help="dry run without the nvcc compile")
+    ap.add_argument(
+        "--force",
+        default="",
+        help="comma-separated kinds forced in every model besides its defaults (e.g. decode_attention: the "
+        "found split-KV program over the paged KV cache in place of mk_attention)",
+    )
     a = ap.parse_args(argv)
     t0 = time.monotonic()
     res: dict = {
@@ -325,7 +365,7 @@ def main(argv=None) -> int:
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         res["device"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     for name in a.models.split(","):
-        force = MODELS.get(name, ())
+        force = tuple(dict.fromkeys((*MODELS.get(name, ()), *(k for k in a.force.split(",") if k))))
         try:
             if a.dry_run:
                 from mpkir.codegen.emit import emit_cuda

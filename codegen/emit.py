@@ -64,7 +64,21 @@ def so_bodies(plan: Plan) -> list:
     from mpkir.passes.superopt.program import parse_program
 
     return [
-        emit_body(parse_program(v.program), dict(v.dtypes), v.func) for v in getattr(plan, "so_variants", ())
+        emit_body(parse_program(v.program), dict(v.dtypes), v.func)
+        for v in getattr(plan, "so_variants", ())
+        if getattr(v, "form", "block") == "block"
+    ]
+
+
+def so_paged_sources(plan: Plan) -> list[str]:
+    """Body + adapter of every found split-KV attention program the plan runs over its paged KV cache."""
+    from mpkir.passes.superopt.paged import adapter, emit_paged_attention
+    from mpkir.passes.superopt.program import parse_program
+
+    return [
+        emit_paged_attention(parse_program(v.program), v.func).source + adapter(v.func)
+        for v in getattr(plan, "so_variants", ())
+        if getattr(v, "form", "block") == "paged_attention"
     ]
 
 
@@ -86,8 +100,9 @@ def so_adapter(body) -> str:
 def so_source(plan: Plan) -> str:
     """The found bodies, their adapters and the glue the plan uses ('' for a hand-written-only plan)."""
     bodies = so_bodies(plan)
+    paged = so_paged_sources(plan)
     glue = "mk_so_rope_table" in plan.variants
-    if not bodies and not glue:
+    if not bodies and not glue and not paged:
         return ""
     from mpkir.passes.superopt.cuda import PRELUDE
 
@@ -96,6 +111,7 @@ def so_source(plan: Plan) -> str:
         out += [SO_GLUE, SO_GLUE_ADAPTER]
     for b in bodies:
         out += [b.source, so_adapter(b)]
+    out += paged
     return "\n".join(out)
 
 

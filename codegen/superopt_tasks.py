@@ -16,6 +16,10 @@ computes the same function (``extend=True``, the default; ``extend=False`` skips
   * the k head-norm+rope task also appends k/v to the paged cache: a ``mk_kv_append`` op follows it;
   * act_down under a fused residual add (``x_out = h + down(silu(gate)·up)``): the found body writes
     ``mlp_out`` to a scratch buffer and an ``mk_eltwise`` add op writes ``x_out``.
+decode_attention: the found split-KV program, in its paged form (``paged(k, v)``, passes/superopt/paged.py:
+rows gathered through the page table up to each token's position, masked tail, padding tokens 0; the tiling
+proved by finite field + Z3 on small instances before use), takes over ``mk_attention``'s tasks one for one
+(same pointers, arguments, events); the partials keep ``mk_attention_merge``'s layout and that merge op.
 Found programs compute intermediates in float32 without the reference's bf16 rounding points (proved equal
 over the reals; the outputs differ from the hand-written ones by bf16 rounding only).
 
@@ -53,6 +57,7 @@ class SoVariant:
     program: str
     dtypes: tuple[tuple[str, str], ...]
     smem_bytes: int
+    form: str = "block"  # "block": emit_body + so_adapter; "paged_attention": passes/superopt/paged.py
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,8 @@ def _instances(gr: _Graph, kind: str) -> list[tuple[ir.OpStmt, ...]]:
             u = gr.single_user(s.results[0])
             if u is not None and u.op == "rope" and u.operands[0] == ir.ValueRef(s.results[0]):
                 out.append((s, u))
+        elif kind == "decode_attention" and s.op == "paged_attention":
+            out.append((s,))
         elif kind == "act_down" and s.op == "silu_mul" and len(s.operands) == 2:
             u = gr.single_user(s.results[0])
             if u is not None and u.op == "linear" and u.operands[0] == ir.ValueRef(s.results[0]):
@@ -261,6 +268,7 @@ class _Rewriter:
     tables: dict[str, _New] = field(default_factory=dict)  # rope tables, inserted after positions' producer
     table_after: int = -1
     decisions: list[Decision] = field(default_factory=list)
+    proofs: dict[str, dict] = field(default_factory=dict)
 
     # ---- helpers
     def producer(self, i: int, buf: str):
@@ -306,6 +314,32 @@ class _Rewriter:
                 Task(var.variant, {k: ptr[n] for k, n in enumerate(names)}, {16: tile, 17: t0}, cost=cost)
             )
         return tasks
+
+    def paged_variant(self, prog) -> SoVariant:
+        from mpkir.passes.superopt.cuda import SMEM_LIMIT
+        from mpkir.passes.superopt.paged import emit_paged_attention
+        from mpkir.passes.superopt.program import print_program
+
+        text = print_program(prog)  # the paged text form: paged(k, v)
+        func = f"so_{hashlib.sha256(text.encode()).hexdigest()[:8]}_{prog.name}_paged"
+        if func not in self.variants:
+            body = emit_paged_attention(prog, func)
+            if body.smem_bytes > SMEM_LIMIT:
+                raise _Skip(
+                    f"program {prog.name} needs {body.smem_bytes} B of shared memory (> {SMEM_LIMIT})"
+                )
+            self.variants[func] = SoVariant("mk_" + func, func, text, (), body.smem_bytes, "paged_attention")
+        return self.variants[func]
+
+    def paged_proof(self, prog, scale: float) -> dict:
+        """passes/superopt/paged.prove_paged of a split program, once per program text and scale."""
+        from mpkir.passes.superopt.paged import prove_paged
+        from mpkir.passes.superopt.program import print_program
+
+        key = f"{print_program(prog)}|{scale!r}"
+        if key not in self.proofs:
+            self.proofs[key] = prove_paged(prog, scale)
+        return self.proofs[key]
 
     def scratch(self, name: str, kind: str, shape, dtype: str) -> str:
         from mpkir.codegen.lower import Buffer
@@ -495,6 +529,50 @@ class _Rewriter:
         what = f"{len(st)} tasks of {var.variant} (grid {prog.grid}, loop {prog.loop})"
         return what + " + a mk_eltwise residual add"
 
+    def decode_attention(self, e: dict, fused, stmts, i: int) -> str:
+        """The found split-KV program's body over the paged cache (passes/superopt/paged.py) in place of
+        ``mk_attention``'s tasks: same pointers, arguments, events; the merge op stays mk_attention_merge
+        (the same exact online-softmax merge, on the same partial layout)."""
+        from mpkir.passes.superopt.paged import as_paged, split_roles
+
+        op = self.plan.ops[i]
+        G, D = e["dims"]["G"], e["dims"]["D"]
+        roles = split_roles(fused)
+        if (roles.G, roles.D) != (G, D):
+            raise _Skip(f"program {roles.split.name}: q tile [{roles.G}, {roles.D}], entry G={G} D={D}")
+        if len(fused.programs) > 1 and fused.programs[1].name != "attn_merge":
+            raise _Skip(f"program {fused.programs[1].name}: not the split-KV merge")
+        scale = fbits(float(e["consts"]["scale"]))
+        if op.kind != "attention" or not op.jit:
+            raise _Skip(f"op {op.name} is a {op.kind} op, not the hand-written paged attention")
+        for t in op.tasks:
+            if (
+                t.variant != f"mk_attention<{D},{G}>"
+                or set(t.p) != set(range(9))
+                or t.a.get(23) != scale
+                or t.a.get(24, 0)
+                or set(t.a) != set(range(16, 25))
+            ):
+                raise _Skip(
+                    f"op {op.name}: task {t.variant} a={t.a} is not mk_attention<{D},{G}> at scale "
+                    f"{e['consts']['scale']} without the k/v append"
+                )
+        proof = self.paged_proof(roles.split, float(e["consts"]["scale"]))
+        if not proof["proved"]:
+            raise _Skip(f"the paged tiling of {roles.split.name} is not proved: {proof}")
+        var = self.paged_variant(as_paged(roles.split))
+        tasks = [dataclasses.replace(t, variant=var.variant, p=dict(t.p), a=dict(t.a)) for t in op.tasks]
+        self.replace[i] = [_New(op.name, op.kind, tasks, [(("old", d), lag) for d, lag in op.deps], True)]
+        S = op.tasks[0].a[19]
+        return (
+            f"{len(tasks)} tasks of {var.variant} (found {roles.split.name}, {roles.rows}-row tiles over the "
+            f"paged cache, masked tail, {S} splits)"
+            + ("; merge: mk_attention_merge" if S > 1 else "")
+            + f"; paged tiling proved: finite field {len(proof['finite_field'])} (length, splits) cases, Z3 "
+            + ", ".join(f"len {z['length']}/S {z['splits']}" for z in proof["z3"])
+            + f" (assumed: {proof['assumed']})"
+        )
+
 
 def _find_op(plan: Plan, kind: str, writes: str) -> int:
     """The one op of ``kind`` whose every task writes ``writes`` as its output pointer (p[2])."""
@@ -512,6 +590,12 @@ def _instance_op(rw: _Rewriter, kind: str, stmts) -> int:
     gr = rw.gr
     if kind == "headnorm_rope":
         return _find_op(rw.plan, "norm_rope", gr.buf(ir.ValueRef(stmts[1].results[0])))
+    if kind == "decode_attention":
+        name = stmts[0].results[0] + ".split"
+        hits = [j for j, o in enumerate(rw.plan.ops) if o.name == name and o.kind == "attention"]
+        if len(hits) != 1:
+            raise _Skip(f"{len(hits)} attention ops of the plan are named {name}")
+        return hits[0]
     lin = stmts[1]
     user = gr.single_user(lin.results[0])
     try:
@@ -524,9 +608,6 @@ def _instance_op(rw: _Rewriter, kind: str, stmts) -> int:
 
 
 _KIND_SKIP = {
-    "decode_attention": "the program attends over a dense [N, D] k/v of fixed length N with no mask; the "
-    "plan's paged_attention reads a paged cache (page table, heads interleaved) up to each token's position, "
-    "appends the step's k/v and zeroes padding tokens (seq_id < 0): not the same function",
     "norm_linear": "the program reads one weight [N, K] and writes one [M, N] output; the plan keeps the "
     "linears' separate weights and outputs (q/k/v, gate/up) or fuses an argmax epilogue (lm_head)",
 }
@@ -566,7 +647,7 @@ def apply_found_programs(
         if kind in _KIND_SKIP:
             rw.decisions.append(Decision(kind, dims, "", "", False, _KIND_SKIP[kind]))
             continue
-        if kind not in ("headnorm_rope", "act_down"):
+        if kind not in ("headnorm_rope", "act_down", "decode_attention"):
             rw.decisions.append(Decision(kind, dims, "", "", False, f"unknown subgraph kind {kind!r}"))
             continue
         try:
@@ -574,10 +655,10 @@ def apply_found_programs(
         except ProgramError as ex:
             rw.decisions.append(Decision(kind, dims, "", "", False, f"program does not parse: {ex}"))
             continue
-        if len(fused.programs) != 1:
+        if len(fused.programs) != 1 and kind != "decode_attention":
             rw.decisions.append(Decision(kind, dims, "", "", False, "expected one program"))
             continue
-        prog = fused.programs[0]
+        prog = fused if kind == "decode_attention" else fused.programs[0]
         for stmts in _instances(gr, kind):
             inst = ",".join(s.results[0] for s in stmts)
             opname = ""
@@ -624,6 +705,8 @@ def _dims_match(rw: _Rewriter, kind: str, e: dict, i: int) -> bool:
         return (t.a.get(16), t.a.get(17)) == (d["Hh"], d["D"])
     if kind == "act_down":
         return (t.a.get(16), t.a.get(18)) == (d["F"], d["H"])
+    if kind == "decode_attention":
+        return t.variant == f"mk_attention<{d['D']},{d['G']}>"
     return False
 
 

@@ -75,13 +75,11 @@ def test_calibrated_decisions_apply_nothing():
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_qwen3_forced_programs_replace_their_ops(batch):
-    base, p = _plans("qwen3_0_6b", batch, (*QF, "decode_attention"))  # attention forced too: still skipped
+    base, p = _plans("qwen3_0_6b", batch, QF)
     assert isinstance(p, SuperoptPlan)
     assert _count(p, "headnorm_rope", True) == 2 * 28  # q and k of every layer
     assert _count(p, "act_down", True) == 28
     assert not any(d.replaced for d in p.decisions if d.kind in ("decode_attention", "norm_linear"))
-    att = [d for d in p.decisions if d.kind == "decode_attention"]
-    assert len(att) == 1 and "paged" in att[0].reason
     assert all("not applied by the search" in d.reason for d in p.decisions if d.kind == "norm_linear")
     kinds = [o.kind for o in p.ops]
     assert kinds.count("so_headnorm_rope") == 56 and kinds.count("so_act_down") == 28
@@ -301,7 +299,15 @@ def test_consumers_wait_on_the_replacement():
 
 # ------------------------------------------------------------------ one kernel, nvcc sm_90a
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
-@pytest.mark.parametrize("name,force", [("qwen3_0_6b", QF), ("llama3_2_1b", ("act_down",))])
+@pytest.mark.parametrize(
+    "name,force",
+    [
+        ("qwen3_0_6b", QF),
+        ("llama3_2_1b", ("act_down",)),
+        ("qwen3_0_6b", (*QF, "decode_attention")),
+        ("llama3_2_1b", ("act_down", "decode_attention")),
+    ],
+)
 def test_one_kernel_compiles_for_sm90a(name, force, tmp_path):
     base, p = _plans(name, 1, force)
     src = emit_cuda(p)
@@ -519,3 +525,126 @@ def test_gpu_found_programs_in_the_megakernel():
     assert r["replaced"] == {"headnorm_rope": 56, "act_down": 28}
     assert r["worst_op_rel_err"] < 1e-2 and all(v for k, v in r["ops_found"].items() if k.endswith("exact"))
     assert r["found_vs_handwritten"]["logits"] < 5e-2 and r["greedy_equal_steps"] == 8
+
+
+@pytest.mark.gpu
+def test_gpu_found_attention_in_the_megakernel():
+    """Qwen3-0.6B with the found split-KV program over the paged cache too (forced): every replaced op,
+    attention included, against float64 from the kernel's own buffers; logits and 8 greedy tokens."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from superopt_megakernel_check import _device_model
+
+    r = _device_model("qwen3_0_6b", (*QF, "decode_attention"))
+    assert r["replaced"] == {"headnorm_rope": 56, "act_down": 28, "decode_attention": 28}
+    assert r["ops_found"]["L0.paged_attention"] < 1e-2 and r["worst_op_rel_err"] < 1e-2
+    assert r["found_vs_handwritten"]["logits"] < 5e-2 and r["greedy_equal_steps"] == 8
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forced_decode_attention_runs_the_found_split_over_the_paged_cache(batch):
+    """Forced, the found split-KV program replaces every layer's mk_attention tasks (same pointers, arguments,
+    events, JIT); the merge op stays mk_attention_merge; the rest of the plan is untouched."""
+    for name, layers, G, D in (("qwen3_0_6b", 28, 2, 128), ("llama3_2_1b", 16, 4, 64)):
+        base, p = _plans(name, batch, ("decode_attention",))
+        assert _count(p, "decode_attention", True) == layers
+        assert len(p.so_variants) == 1 and p.so_variants[0].form == "paged_attention"
+        var = p.so_variants[0].variant
+        old = {o.name: o for o in base.ops}
+        for o in p.ops:
+            b = old[o.name]
+            assert (o.kind, o.deps, o.jit, len(o.tasks)) == (b.kind, b.deps, b.jit, len(b.tasks))
+            for t, u in zip(o.tasks, b.tasks, strict=True):
+                if o.kind == "attention":
+                    assert u.variant == f"mk_attention<{D},{G}>" and t.variant == var
+                    assert (t.p, t.a) == (u.p, u.a)
+                else:
+                    assert t == u
+        assert p.lists == base.lists
+        assert p.smem_bytes == max(base.smem_bytes, p.so_variants[0].smem_bytes) <= 227 * 1024 - 1024
+        src = emit_cuda(p)
+        assert f"__device__ void {var}(const MkTask& t" in src and f"{var}(t, it, B, smem)" in src
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("name,B", [("qwen3_0_6b", 3), ("llama3_2_1b", 2)])
+def test_forced_attention_tasks_on_the_cpu_and_the_bench_check(name, B):
+    """The plan's found-attention TASKS (their pointers and arguments) run on the CPU over a random paged
+    cache; merged, they match float64 attention; bench/superopt_megakernel_check.py's reference agrees and
+    can fail."""
+    import sys
+
+    from mpkir.passes.superopt.cpuexec import _compile
+    from mpkir.passes.superopt.cuda import PRELUDE
+    from mpkir.passes.superopt.paged import emit_paged_attention
+    from mpkir.passes.superopt.program import parse_program
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from superopt_megakernel_check import _attention
+
+    _, p = _plans(name, B, ("decode_attention",))
+    (v,) = p.so_variants
+    sp = next(o for o in p.ops if o.kind == "attention")
+    t0 = sp.tasks[0]
+    S, Hkv, PG = t0.a[19], t0.a[20], t0.a[21]
+    assert S > 1
+    body = emit_paged_attention(parse_program(v.program), v.func)
+    bf = "(const __nv_bfloat16*)"
+    call = (
+        f"{v.func}({bf}t.p[0], {bf}t.p[1], {bf}t.p[2], {bf}t.p[3], {bf}t.p[4], (const int*)t.p[5], "
+        "(const int*)t.p[6], (const int*)t.p[7], (void*)t.p[8], t.a[16], t.a[17], t.a[18], t.a[19], t.a[20], "
+        "t.a[21], t.a[22], smem)"
+    )
+    runner = "struct MkTask { long long p[12]; int a[32]; };\n" + _runner("run_attn", call).replace(
+        "t.a[17] >= B", "t.a[16] >= B"
+    )
+    lib = _compile(PRELUDE + body.source + runner)
+    mem, rng = _Mem(p), np.random.default_rng()
+    names = {k: t0.p[k][0] for k in range(9)}
+    D = mem.get(names[3]).shape[-1]
+    for k in (0, 1, 2):
+        a = mem.get(names[k])
+        a[...] = _bf16(rng.standard_normal(a.shape))
+    kc, vc, tab = mem.get(names[3]), mem.get(names[4]), mem.get(names[5])
+    pages = rng.permutation(kc.shape[0])[: tab.size].reshape(tab.shape)
+    tab[...] = pages
+    pos = mem.get(names[6])
+    sid = mem.get(names[7])
+    pos[:B] = [300, 2 * PG, 5][:B]
+    sid[:B] = [0, 1, -1][:B]  # the last token of batch 3 is padding
+    for s in range(2):
+        for pg in pages[s, : 300 // PG + 1]:
+            kc[pg] = _bf16(rng.standard_normal(kc.shape[1:]))
+            vc[pg] = _bf16(rng.standard_normal(vc.shape[1:]))
+    kn, vn = mem.get(names[1]).reshape(-1, Hkv, D), mem.get(names[2]).reshape(-1, Hkv, D)
+    for b in range(B):  # the step's append (a task before attention in the megakernel)
+        if sid[b] >= 0:
+            kc[tab[sid[b], pos[b] // PG], pos[b] % PG] = kn[b]
+            vc[tab[sid[b], pos[b] // PG], pos[b] % PG] = vn[b]
+    mem.run(lib, "run_attn", sp.tasks, B, v.smem_bytes)
+    part = mem.get(names[8]).astype(np.float64)[:B]  # [B, Hkv, S, G, D+2], poisoned before: all written
+    assert np.isfinite(part[..., 1:]).all()
+    if B == 3:
+        assert np.isneginf(part[2, ..., 0]).all() and (part[2, ..., 1:] == 0).all()
+    m, ls, acc = part[..., 0], part[..., 1], part[..., 2:]
+    M = np.max(m, axis=2, keepdims=True)
+    e = np.where(np.isneginf(m), 0.0, np.exp(m - np.where(np.isneginf(M), 0.0, M)))
+    L = (ls * e).sum(2)
+    y = np.where(L[..., None] > 0, (acc * e[..., None]).sum(2) / np.where(L > 0, L, 1.0)[..., None], 0.0)
+    merge = next(o for o in p.ops if o.kind == "attention_merge" and o.tasks[0].p[0][0] == names[8])
+    out = mem.get(merge.tasks[0].p[1][0])
+    out[:B] = _bf16(y.reshape(B, *out.shape[1:]))
+
+    class View:
+        def __call__(self, n):
+            return _f(mem.get(n))
+
+        def raw(self, n):
+            return mem.get(n)
+
+    err = _attention(View(), p, 0, B)
+    print(f"{name}: found paged attention tasks vs float64, rel err {err:.2e}")
+    assert err < 1e-2
+    out[:B] = _bf16(np.roll(y, 1, axis=-1).reshape(B, *out.shape[1:]))
+    assert _attention(View(), p, 0, B) > 0.1  # the bench's check can fail

@@ -51,12 +51,31 @@ def report_lines(results, errors) -> list[str]:
             f"   proof: finite field [{ff}]; Z3 {p['z3']['status']} at {p['z3']['dims']}; "
             f"float64 rel err {p.get('float64_rel_err', float('nan')):.2e}"
         )
+        if sg.kind == "decode_attention":
+            lines.append("   " + _paged_line(r))
         from mpkir.passes.superopt.program import print_fused
 
         lines += ["   " + x for x in print_fused(r.program).splitlines()]
     for kind, why in errors:
         lines.append(f"== {kind}: not found ({why})")
     return lines
+
+
+def _paged_line(r) -> str:
+    """The proof of the found split-KV program's tiling over the megakernel's paged KV cache."""
+    from mpkir.passes.superopt.paged import prove_paged
+    from mpkir.passes.superopt.program import ProgramError
+
+    try:
+        p = prove_paged(r.program, float(r.subgraph.c("scale")))
+    except ProgramError as e:
+        return f"paged form (megakernel KV cache): not a split-KV program ({e})"
+    ff = sum(x["ok"] for x in p["finite_field"])
+    z3 = ", ".join(f"len {x['length']}/S {x['splits']} {x['status']}" for x in p["z3"])
+    return (
+        f"paged form (megakernel KV cache, masked tail): {'proved' if p['proved'] else 'NOT proved'}: finite "
+        f"field {ff}/{len(p['finite_field'])} (length, splits) cases, Z3 {z3}; assumed: {p['assumed']}"
+    )
 
 
 def run(args) -> int:
@@ -90,8 +109,8 @@ def run(args) -> int:
     n_apply = sum(r.decision[0] for r in results)
     lines.append(
         f"total {time.monotonic() - t0:.2f}s, {len(results)} subgraph(s) searched, {n_apply} applied "
-        "(predicted gain > 1 and faster than the hand-written body); the megakernel lowering does not read "
-        "found programs yet"
+        "(predicted gain > 1 and faster than the hand-written body); MPKIR_SUPEROPT=1 puts applied ones (and "
+        "MPKIR_SUPEROPT_FORCE kinds) into the megakernel (codegen/superopt_tasks.py)"
     )
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

@@ -62,6 +62,7 @@ __device__ __forceinline__ float mkso_ld(const __nv_bfloat16* p) {
   return __uint_as_float(((unsigned)u) << 16);
 }
 __device__ __forceinline__ float mkso_ld(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ int mkso_ldi(const int* p) { return __ldcg(p); }
 __device__ __forceinline__ void mkso_ld8(const __nv_bfloat16* p, float* f) {
   uint4 v = __ldcg((const uint4*)p);
   const unsigned w[4] = {v.x, v.y, v.z, v.w};
@@ -94,6 +95,7 @@ static inline float mkso_ld(const __nv_bfloat16* p) {
   unsigned u = ((unsigned)p->x) << 16; float f; memcpy(&f, &u, 4); return f;
 }
 static inline float mkso_ld(const float* p) { return *p; }
+static inline int mkso_ldi(const int* p) { return *p; }
 static inline void mkso_ld8(const __nv_bfloat16* p, float* f) {
   for (int i = 0; i < 8; ++i) f[i] = mkso_ld(p + i);
 }
@@ -459,7 +461,12 @@ def _smem_layout(p: Program, sh) -> tuple[list[tuple[str, int]], int]:
 
 
 def emit_body(p: Program, dtypes: dict[str, str] | None = None, func: str | None = None) -> Body:
-    """The ``__device__`` body of one program; ``dtypes`` maps tensor names to 'f32' (default bf16)."""
+    """The ``__device__`` body of one program; ``dtypes`` maps tensor names to 'f32' (default bf16). A paged
+    program (``paged(k, v)``) gets mk_attention's contract instead (:mod:`paged`)."""
+    if p.paged:
+        from mpkir.passes.superopt.paged import emit_paged_attention
+
+        return emit_paged_attention(p, func or f"so_{p.name}")
     validate(p)
     dtypes = dtypes or {}
     sh = shapes(p)

@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 
-from mpkir.passes.superopt.program import Fused, Program, validate
+from mpkir.passes.superopt.program import Fused, Program, ProgramError, validate
 
 
 def _tile(dom, x, inp, g, it, prog: Program):
@@ -56,9 +56,32 @@ def apply_op(dom, kind: str, args, attrs: dict):
     raise ValueError(f"unknown block op {kind}")
 
 
+def online_softmax_step(dom, acc: dict, results, s, v, first: bool) -> None:
+    """One iteration of ``online_softmax``: scores s [..., n], values v [n, d] into acc[o], acc[l], acc[m]."""
+    o_k, l_k, m_k = results
+    mt = dom.max(s, -1)
+    if first:
+        m_new = mt
+        p = dom.exp(dom.sub(s, m_new))
+        acc[l_k] = dom.sum(p, -1)
+        acc[o_k] = dom.matmul(p, v)
+    else:
+        m_new = dom.maximum(acc[m_k], mt)
+        alpha = dom.exp(dom.sub(acc[m_k], m_new))
+        p = dom.exp(dom.sub(s, m_new))
+        acc[l_k] = dom.add(dom.mul(acc[l_k], alpha), dom.sum(p, -1))
+        acc[o_k] = dom.add(dom.mul(acc[o_k], alpha), dom.matmul(p, v))
+    acc[m_k] = m_new
+
+
 def run_program(prog: Program, inputs: dict, dom) -> dict:
     """Run ``prog`` on whole input tensors; returns its output tensors (assembled from the blocks)."""
     validate(prog)
+    if prog.paged:
+        raise ProgramError(
+            f"{prog.name}: a paged program depends on each token's length and split count: run it with "
+            "passes.superopt.paged.run_paged"
+        )
     outs = {o.name: None for o in prog.outputs}
     pieces: dict[str, dict] = {o.name: {} for o in prog.outputs}
     for g in itertools.product(*(range(n) for n in prog.grid)):
@@ -76,22 +99,8 @@ def run_program(prog: Program, inputs: dict, dom) -> dict:
                 elif op.kind == "max":
                     k = op.results[0]
                     acc[k] = vals[0] if it == 0 else dom.maximum(acc[k], vals[0])
-                elif op.kind == "online_softmax":  # s: [..., n], v: [n, d]
-                    s, v = vals
-                    o_k, l_k, m_k = op.results
-                    mt = dom.max(s, -1)
-                    if it == 0:
-                        m_new = mt
-                        p = dom.exp(dom.sub(s, m_new))
-                        acc[l_k] = dom.sum(p, -1)
-                        acc[o_k] = dom.matmul(p, v)
-                    else:
-                        m_new = dom.maximum(acc[m_k], mt)
-                        alpha = dom.exp(dom.sub(acc[m_k], m_new))
-                        p = dom.exp(dom.sub(s, m_new))
-                        acc[l_k] = dom.add(dom.mul(acc[l_k], alpha), dom.sum(p, -1))
-                        acc[o_k] = dom.add(dom.mul(acc[o_k], alpha), dom.matmul(p, v))
-                    acc[m_k] = m_new
+                elif op.kind == "online_softmax":
+                    online_softmax_step(dom, acc, op.results, vals[0], vals[1], it == 0)
         env = dict(env) if prog.loop else {}
         env.update(acc)
         for op in prog.epilogue:

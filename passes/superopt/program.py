@@ -5,7 +5,9 @@ A :class:`Program` is one task type: a grid (one grid point = one task), a loop 
 dim split across loop iterations, or -1), three explicit regions — ``body`` (ops on tiles, every
 iteration), ``accs`` (accumulators closing the loop) and ``epilogue`` (ops after the loop) — and outputs
 with an ``omap`` (per grid axis, the output dim along which block tiles are concatenated).
-A :class:`Fused` is a short sequence of programs (e.g. split-KV partials then the merge).
+A :class:`Fused` is a short sequence of programs (e.g. split-KV partials then the merge). A split-KV attention
+program may be marked ``paged(k, v)`` (after ``threads``): its k/v rows are then gathered through the
+megakernel's page table up to each token's position (semantics, emitter and proof: :mod:`paged`).
 
 Text form (own grammar, so it can be carried in a string attribute ``program="..."``)::
 
@@ -75,6 +77,9 @@ class Program:
     epilogue: tuple[Op, ...]
     outputs: tuple[Output, ...]
     threads: int = field(default=512)  # the megakernel's fixed CTA size (MK_NT)
+    # inputs whose rows are gathered through the megakernel's page table up to each token's position (the
+    # split-KV attention form, passes/superopt/paged.py): text ``paged(k, v)``; () = dense
+    paged: tuple[str, ...] = ()
 
     @property
     def ntasks(self) -> int:
@@ -110,7 +115,8 @@ def _tup(t) -> str:
 
 
 def print_program(p: Program) -> str:
-    lines = [f"program {p.name} grid{_tup(p.grid)} loop({p.loop}) threads({p.threads}) {{"]
+    pg = f" paged({', '.join(p.paged)})" if p.paged else ""
+    lines = [f"program {p.name} grid{_tup(p.grid)} loop({p.loop}) threads({p.threads}){pg} {{"]
     for i in p.inputs:
         lines.append(f"  in {i.name}: {list(i.shape)} imap{_tup(i.imap)} fmap({i.fmap})")
     for region, ops in (("body", p.body), ("acc", p.accs), ("epi", p.epilogue)):
@@ -128,7 +134,8 @@ def print_fused(f: Fused) -> str:
 # ------------------------------------------------------------------ parsing
 _GRAMMAR = r"""
 start: program+
-program: "program" NAME "grid" ints "loop" "(" INT ")" ("threads" "(" INT ")")? "{" item* "}"
+program: "program" NAME "grid" ints "loop" "(" INT ")" ("threads" "(" INT ")")? paged? "{" item* "}"
+paged: "paged" "(" NAME ("," NAME)* ")"
 ?item: input | op | output
 input: "in" NAME ":" shape "imap" ints "fmap" "(" SINT ")"
 op: REGION results "=" NAME "(" [arg ("," arg)*] ")"
@@ -147,6 +154,11 @@ NUMBER: /-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?/
 %ignore WS
 %ignore /\/\/[^\n]*/
 """
+
+
+@dataclass(frozen=True)
+class _Paged:
+    names: tuple[str, ...]
 
 
 class _T(Transformer):
@@ -180,17 +192,32 @@ class _T(Transformer):
     def output(self, c):
         return Output(str(c[0]), c[1], str(c[2]), c[3])
 
+    def paged(self, names):
+        return _Paged(tuple(str(n) for n in names))
+
     def program(self, c):
         name, grid, loop, *rest = c
         threads = 512
-        if rest and not isinstance(rest[0], (Input, Output, tuple)):
+        if rest and not isinstance(rest[0], (Input, Output, tuple, _Paged)):
             threads, rest = int(rest[0]), rest[1:]
+        paged = ()
+        if rest and isinstance(rest[0], _Paged):
+            paged, rest = rest[0].names, rest[1:]
         ins = tuple(x for x in rest if isinstance(x, Input))
         outs = tuple(x for x in rest if isinstance(x, Output))
         ops = [x for x in rest if isinstance(x, tuple)]
         regions = {r: tuple(o for rr, o in ops if rr == r) for r in ("body", "acc", "epi")}
         return Program(
-            str(name), grid, int(loop), ins, regions["body"], regions["acc"], regions["epi"], outs, threads
+            str(name),
+            grid,
+            int(loop),
+            ins,
+            regions["body"],
+            regions["acc"],
+            regions["epi"],
+            outs,
+            threads,
+            paged,
         )
 
 
@@ -244,3 +271,9 @@ def validate(p: Program) -> None:
             raise ProgramError(f"{p.name}: output {o.name} reads undefined {o.value}")
         if len(o.omap) != len(p.grid):
             raise ProgramError(f"{p.name}: output {o.name}: omap needs {len(p.grid)} entries")
+    if p.paged:
+        from mpkir.passes.superopt.paged import split_roles
+
+        if set(p.paged) != {"k", "v"}:
+            raise ProgramError(f"{p.name}: paged({', '.join(p.paged)}): only the k and v rows are paged")
+        split_roles(p)  # the split-KV attention form (raises ProgramError)
