@@ -140,7 +140,7 @@ def unsupported(config: Mapping[str, Any]) -> list[str]:
         if missing:
             src = (_rope_params(config) or {}).get("source")
             probs.append(f"rope_scaling of type 'llama3' without {', '.join(missing)}"
-                         + (f" (from {src}: its table of factors is not read)" if src else ""))
+                         + (f" (from {src})" if src else ""))
     if config.get("attention_bias") and config.get("model_type") in ("llama", "qwen3"):
         probs.append("attention_bias = true (the models declare no q/k/v biases)")
     return probs

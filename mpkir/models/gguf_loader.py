@@ -150,7 +150,8 @@ class GGUFFile:
         if scaling not in (None, "none"):
             cfg["rope_scaling"] = {"type": str(scaling), "factor": float(g("rope.scaling.factor", 1.0))}
         if "rope_freqs.weight" in names:
-            cfg["rope_scaling"] = {"rope_type": "llama3", "source": "gguf rope_freqs"}
+            cfg["rope_scaling"] = self._llama3_scaling(cfg, int(g("rope.dimension_count", cfg["head_dim"])),
+                                                       g("rope.scaling.original_context_length"))
         for key, name in (
             ("bos_token_id", "tokenizer.ggml.bos_token_id"),
             ("eos_token_id", "tokenizer.ggml.eos_token_id"),
@@ -160,6 +161,23 @@ class GGUFFile:
                 cfg[key] = int(v)
         cfg["gguf_name"] = str(_field(r, "general.name", ""))
         return cfg
+
+    def _llama3_scaling(self, cfg: dict, rd: int, original_context) -> dict:
+        """Llama-3 ``rope_scaling`` recovered from the file's ``rope_freqs`` table (see
+        :mod:`mpkir.models.rope_freqs`); a table no llama3 parameters reproduce is kept as the reason
+        :func:`mpkir.models.config.unsupported` reports."""
+        from mpkir.models.rope_freqs import llama3_scaling_from_factors
+
+        t = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
+        table = np.asarray(self._gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
+        try:
+            found = llama3_scaling_from_factors(table, rd, cfg["rope_theta"],
+                                                None if original_context is None else int(original_context))
+        except ValueError as e:
+            return {"rope_type": "llama3", "source": f"gguf rope_freqs: {e}"}
+        if found is None:
+            return {"rope_type": "default"}
+        return {"rope_type": "llama3", **found, "source": "gguf rope_freqs"}
 
     # ---------------------------------------------------------------- tensors (TensorSource)
     def names(self) -> list[str]:
@@ -219,6 +237,9 @@ def save_gguf(
     quantises the 2-D projection weights.  ``tokenizer``: ``tokens``, ``merges``, ``token_type``,
     ``pre``, ``bos_token_id``, ``eos_token_id``, ``chat_template``.
     """
+    from mpkir.models.config import rope_scaling_attrs
+    from mpkir.models.rope_freqs import llama3_factors
+
     gguf = _require_gguf()
     arch = {"llama": "llama", "qwen3": "qwen3"}[config.get("model_type", "llama")]
     inv_block = {v: k for k, v in _BLOCK.items()}
@@ -251,6 +272,12 @@ def save_gguf(
             w.add_eos_token_id(int(tokenizer["eos_token_id"]))
         if tokenizer.get("chat_template"):
             w.add_chat_template(tokenizer["chat_template"])
+    scaling = rope_scaling_attrs(config)
+    if scaling is not None:  # llama.cpp's converter keeps only the table of factors
+        w.add_tensor("rope_freqs.weight", llama3_factors(
+            int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+            float(config.get("rope_theta", 10000.0)),
+            **{k: v for k, v in scaling.items() if k != "scaling"}))
     qt = getattr(gguf.GGMLQuantizationType, quant) if quant else None
     for name, arr in tensors.items():
         a = np.asarray(arr, dtype=np.float32)
