@@ -16,8 +16,6 @@ import functools
 import importlib.util
 import json
 import re
-import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -34,10 +32,10 @@ from mpkir.passes.superopt.cuda import SMEM_LIMIT, emit_bodies, emit_task_module
 from mpkir.passes.superopt.domains import Float
 from mpkir.passes.superopt.program import parse_fused, print_fused
 from mpkir.passes.superopt.targets import Subgraph, inputs_of, target
+from mpkir.testing.nvcc import NVCC, nvcc_sm90a
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = ROOT / "bench" / "superopt_programs.json"
-NVCC = shutil.which("nvcc")
 needs_cxx = pytest.mark.skipif(compiler() is None, reason="no C++ compiler")
 
 NORM = Subgraph("norm_linear", (), (("M", 3), ("K", 64), ("N", 48)), (("eps", 1e-5),))
@@ -143,23 +141,7 @@ def test_real_size_programs_compile_as_megakernel_tasks(tmp_path):
     src, bodies = emit_task_module(fs)
     assert len(bodies) == sum(len(f.programs) for _, f in fs)
     assert len(re.findall(r"__device__ void mk_so_", src)) == len(bodies)
-    cu = tmp_path / "so.cu"
-    cu.write_text(src)
-    r = subprocess.run(
-        [
-            NVCC,
-            "-gencode",
-            "arch=compute_90a,code=sm_90a",
-            "-std=c++17",
-            "-c",
-            str(cu),
-            "-o",
-            str(tmp_path / "so.o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = nvcc_sm90a(src, tmp_path, output="so.o", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
 

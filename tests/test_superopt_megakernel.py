@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import shutil
-import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -26,9 +25,9 @@ from mpkir.codegen.superopt_tasks import (
     maybe_apply,
 )
 from mpkir.parser import parse, parse_file
+from mpkir.testing.nvcc import NVCC, nvcc_sm90a
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NVCC = shutil.which("nvcc")
 
 
 @cache
@@ -316,23 +315,7 @@ def test_one_kernel_compiles_for_sm90a(name, force, tmp_path):
     assert ("mk_so_rope_table" in src) == (name == "qwen3_0_6b")
     for v in p.so_variants:
         assert f"__device__ void {v.variant}(const MkTask& t" in src and f"{v.variant}(t, it, B, smem)" in src
-    cu = tmp_path / "k.cu"
-    cu.write_text(src)
-    r = subprocess.run(
-        [
-            NVCC,
-            "-gencode",
-            "arch=compute_90a,code=sm_90a",
-            "-std=c++17",
-            "-c",
-            str(cu),
-            "-o",
-            str(tmp_path / "k.o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = nvcc_sm90a(src, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     assert emit_cuda(_plans(name, 2, force)[1]) == src  # one source for batches 1-2 (same GEMV variants)
 
