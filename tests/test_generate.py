@@ -23,33 +23,14 @@ from mpkir.models.loader import load_model
 from mpkir.models.reference import ReferenceModel, random_checkpoint
 from mpkir.models.safetensors_loader import save_checkpoint
 from mpkir.models.tokenizer import write_tiny_tokenizer
+from mpkir.testing.tiny_models import tiny_config
 
 SERVE = {"max_requests": 4, "max_tokens": 64, "max_seq_len": 128, "page_size": 16}
 N_NEW = 10
 
 
 def _config(kind: str, vocab: int) -> dict:
-    c = {
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "intermediate_size": 96,
-        "vocab_size": vocab,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "max_position_embeddings": 256,
-    }
-    if kind == "qwen3":
-        return {
-            **c,
-            "model_type": "qwen3",
-            "rope_theta": 1000000.0,
-            "tie_word_embeddings": True,
-            "head_dim": 32,
-        }
-    return {**c, "model_type": "llama", "rope_theta": 500000.0, "tie_word_embeddings": False}
+    return tiny_config(kind, vocab, hidden=64, head_dim=16, intermediate=96, qwen3_head_dim=32)
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])

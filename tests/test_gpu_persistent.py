@@ -21,35 +21,17 @@ pytest.importorskip("cupy")
 from mpkir.models.backends import InterpreterBackend, make_backend  # noqa: E402
 from mpkir.models.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from mpkir.models.loader import load_model  # noqa: E402
-from mpkir.models.reference import random_checkpoint  # noqa: E402
-from mpkir.models.safetensors_loader import save_checkpoint  # noqa: E402
-from mpkir.models.tokenizer import write_tiny_tokenizer  # noqa: E402
+from mpkir.testing.tiny_models import write_tiny_checkpoint  # noqa: E402
 
 N_NEW = 12
 DECODE = {"max_requests": 4, "max_tokens": 4, "max_seq_len": 128, "page_size": 16}
 MIXED = {"max_requests": 4, "max_tokens": 24, "max_seq_len": 128, "page_size": 16, "mode": "mixed"}
 
 
-def _config(kind: str, vocab: int) -> dict:
-    c = {
-        "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 64, "intermediate_size": 256, "vocab_size": vocab, "rms_norm_eps": 1e-6,
-        "hidden_act": "silu", "max_position_embeddings": 256,
-    }
-    if kind == "qwen3":
-        return {**c, "model_type": "qwen3", "rope_theta": 1e6, "tie_word_embeddings": True, "head_dim": 128}
-    return {**c, "model_type": "llama", "rope_theta": 500000.0, "tie_word_embeddings": False}
-
-
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
 def ckpt(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp("res_" + request.param)
-    tok = write_tiny_tokenizer(d)
-    cfg = _config(request.param, tok.vocab_size)
-    save_checkpoint(d, random_checkpoint(cfg, seed=11), cfg)
-    texts = ("What is the capital of France?", "the quick brown fox", "def add(a, b): return a + b", "Paris",
-             "one two three four five six", "Hello")
-    return {"dir": d, "prompts": [tok.encode(s) for s in texts], "kind": request.param}
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("res_" + request.param), request.param, seed=11,
+                                 n_prompts=6)
 
 
 def _cpu(m, prompts):

@@ -26,39 +26,17 @@ from mpkir.models.loader import load_model  # noqa: E402
 from mpkir.models.reference import random_checkpoint  # noqa: E402
 from mpkir.models.safetensors_loader import save_checkpoint  # noqa: E402
 from mpkir.models.tokenizer import write_tiny_tokenizer  # noqa: E402
+from mpkir.testing.tiny_models import tiny_config, write_tiny_checkpoint  # noqa: E402
 
 N_NEW = 12
 DECODE = {"max_requests": 4, "max_tokens": 4, "max_seq_len": 128, "page_size": 16}
 MIXED = {"max_requests": 4, "max_tokens": 24, "max_seq_len": 128, "page_size": 16, "mode": "mixed"}
 
 
-def _config(kind: str, vocab: int) -> dict:
-    c = {
-        "hidden_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "intermediate_size": 256,
-        "vocab_size": vocab,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "max_position_embeddings": 256,
-    }
-    if kind == "qwen3":
-        return {**c, "model_type": "qwen3", "rope_theta": 1e6, "tie_word_embeddings": True, "head_dim": 128}
-    return {**c, "model_type": "llama", "rope_theta": 500000.0, "tie_word_embeddings": False}
-
-
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
 def ckpt(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp("gpu_" + request.param)
-    tok = write_tiny_tokenizer(d)
-    cfg = _config(request.param, tok.vocab_size)
-    save_checkpoint(d, random_checkpoint(cfg, seed=5), cfg)
-    texts = ("What is the capital of France?", "the quick brown fox", "def add(a, b): return a + b", "Paris")
-    prompts = [tok.encode(s) for s in texts]
-    return {"dir": d, "prompts": prompts, "kind": request.param}
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("gpu_" + request.param), request.param, seed=5,
+                                 n_prompts=4)
 
 
 def _gen(loaded, device, prompts):
@@ -130,7 +108,7 @@ def test_llama3_rope_scaling_on_gpu(tmp_path):
     """A checkpoint with Llama-3 ``rope_scaling``: the GPU rope uses the scaled frequencies (the host's
     float32 table of the rope op), so greedy tokens equal the CPU interpreter's."""
     tok = write_tiny_tokenizer(tmp_path)
-    cfg = _config("llama", tok.vocab_size)
+    cfg = tiny_config("llama", tok.vocab_size)
     cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     save_checkpoint(tmp_path, random_checkpoint(cfg, seed=7), cfg)
