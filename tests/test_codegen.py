@@ -139,9 +139,7 @@ def test_unknown_rope_scaling_is_refused_with_a_location():
 def test_llama3_rope_scaling_becomes_the_interpreters_frequency_table():
     import numpy as np
 
-    attention = pytest.importorskip("mpkir.ops.attention")
-    if not hasattr(attention, "rope_inv_freq"):
-        pytest.skip("operator set without rope scaling")
+    from mpkir.ops import attention
     extra = "scaling=llama3, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, "
     extra += "original_max_position=8192"
     p = lower(parse(_rope_variant(extra), "x.mpk"), greedy=True, batch=1)

@@ -26,6 +26,7 @@ from mpkir.models.loader import load_model  # noqa: E402
 from mpkir.models.reference import random_checkpoint  # noqa: E402
 from mpkir.models.safetensors_loader import save_checkpoint  # noqa: E402
 from mpkir.models.tokenizer import write_tiny_tokenizer  # noqa: E402
+from mpkir.printer import print_module  # noqa: E402
 from mpkir.testing.tiny_models import tiny_config, write_tiny_checkpoint  # noqa: E402
 
 N_NEW = 12
@@ -113,8 +114,7 @@ def test_llama3_rope_scaling_on_gpu(tmp_path):
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     save_checkpoint(tmp_path, random_checkpoint(cfg, seed=7), cfg)
     m = load_model(tmp_path, serve=DECODE, device="gpu")
-    if "llama3" not in str(m.module):
-        pytest.skip("this loader does not apply rope_scaling")
+    assert "scaling=llama3" in print_module(m.module)
     gpu = make_backend(m, "gpu", gpu_backend="step")
     tables = [b for b in gpu.mk.plan.buffers.values() if b.kind == "const"]
     assert tables and all(float(t.data[-1]) < 500000.0 ** (-62 / 64) / 4 for t in tables)  # scaled
