@@ -11,9 +11,11 @@ import math
 import re
 
 from mpkir import ir
+from mpkir.comments import CommentCursor, Layout
 
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 INDENT = "  "
+_TRAIL = "\0"   # between a line's code and its trailing comment until _align_trailing places the comment
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*\Z")
 KEYWORDS = frozenset({"model", "const", "dim", "serve", "weight", "state", "graph", "schedule", "for", "in",
@@ -39,7 +41,11 @@ def _num(v: int | float) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             raise ValueError(f"cannot print non-finite number {v!r}")
-        return repr(v)
+        text = repr(v)
+        if "e" in text:  # 1e-06 -> 1e-6, 1e+20 -> 1e20 (the same float)
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}e{int(exponent)}"
+        return text
     if not -(2**63) < v < 2**63:
         raise ValueError(f"cannot print integer {v}: out of the 64-bit range the parser reads")
     return str(v)
@@ -95,6 +101,82 @@ def _values(names, what: str) -> str:
 
 
 def print_stmt(s: ir.Stmt, depth: int) -> list[str]:
+    out: list[str] = []
+    _stmt(s, depth, out, CommentCursor())
+    return out
+
+
+def _lead(node, prev_end: int | None, pad: str, out: list[str], cur: CommentCursor) -> None:
+    """Above a node: a blank line where the source had one since the previous node (not right after a
+    ``{``), then the comments above it, keeping the blank lines around and between them."""
+    loc = getattr(node, "loc", None)
+    if not cur.active or loc is None:
+        return
+    comments = cur.before(loc.line)
+    first = comments[0].line if comments else loc.line
+    if cur.blank_between(prev_end, first):
+        _blank(out)
+    for c in comments:
+        if c.blank_before:
+            _blank(out)
+        out.append(pad + c.text)
+    if comments and comments[-1].blank_after:
+        _blank(out)
+
+
+def _blank(out: list[str]) -> None:
+    if out and out[-1] and not out[-1].endswith("{"):
+        out.append("")
+
+
+def _end(node) -> int | None:
+    loc = getattr(node, "loc", None)
+    return None if loc is None else (loc.end_line or loc.line)
+
+
+def _one_line(node, line: str, pad: str, out: list[str], cur: CommentCursor) -> None:
+    """A node printed on one line, with the comment that trails it; comments inside it go above it."""
+    loc = getattr(node, "loc", None)
+    if cur.active and loc is not None:
+        inner, trail = cur.within(loc.line, loc.end_line or loc.line)
+        out.extend(pad + c.text for c in inner)
+        if trail is not None:
+            line += _TRAIL + trail.text
+    out.append(line)
+
+
+def _open(node, line: str, out: list[str], cur: CommentCursor) -> None:
+    """The first line of a block node (``{`` at its end), with the comment that trails it."""
+    loc = getattr(node, "loc", None)
+    if cur.active and loc is not None:
+        trail = cur.trailing(loc.line)
+        if trail is not None:
+            line += _TRAIL + trail.text
+    out.append(line)
+
+
+def _body(node, items, pad: str, out: list[str], cur: CommentCursor, print_item) -> None:
+    """A block's items, then the comments left inside it, then its closing ``}`` (with a trailing comment)."""
+    inner = pad + INDENT
+    prev_end = getattr(node, "loc", None) and node.loc.line
+    for item in items:
+        _lead(item, prev_end, inner, out, cur)
+        print_item(item)
+        prev_end = _end(item)
+    loc = getattr(node, "loc", None)
+    line = pad + "}"
+    if cur.active and loc is not None and loc.end_line is not None:
+        for c in cur.before(loc.end_line):
+            if c.blank_before:
+                _blank(out)
+            out.append(inner + c.text)
+        trail = cur.trailing(loc.end_line)
+        if trail is not None:
+            line += _TRAIL + trail.text
+    out.append(line)
+
+
+def _stmt(s: ir.Stmt, depth: int, out: list[str], cur: CommentCursor) -> None:
     pad = INDENT * depth
     if isinstance(s, ir.OpStmt):
         args = [print_operand(o) for o in s.operands] + _attrs(s.attrs)
@@ -103,23 +185,21 @@ def print_stmt(s: ir.Stmt, depth: int) -> list[str]:
             line += f" schedule({', '.join(_attrs(s.schedule))})"
         if s.types:
             line += " : " + ", ".join(print_type(t) for t in s.types)
-        return [line]
-    if isinstance(s, ir.ForStmt):
+        _one_line(s, line, pad, out, cur)
+    elif isinstance(s, ir.ForStmt):
         if not s.carries:
             raise ValueError("cannot print a for loop without carried values")
         carries = ", ".join(f"{_value(c.name)} = {print_operand(c.init)}" for c in s.carries)
         head = (f"{pad}{_values(s.results, 'a for loop')} = for {_ident(s.var)} in "
                 f"{print_expr(s.start)}..{print_expr(s.end)} carry({carries}) {{")
-        lines = [head]
-        for b in s.body:
-            lines.extend(print_stmt(b, depth + 1))
-        lines.append(pad + "}")
-        return lines
-    if isinstance(s, ir.YieldStmt):
-        return [f"{pad}yield {_values([v.name for v in s.values], 'yield')}"]
-    if isinstance(s, ir.ReturnStmt):
-        return [f"{pad}return {_values([v.name for v in s.values], 'return')}"]
-    raise TypeError(f"not a statement: {s!r}")
+        _open(s, head, out, cur)
+        _body(s, s.body, pad, out, cur, lambda b: _stmt(b, depth + 1, out, cur))
+    elif isinstance(s, ir.YieldStmt):
+        _one_line(s, f"{pad}yield {_values([v.name for v in s.values], 'yield')}", pad, out, cur)
+    elif isinstance(s, ir.ReturnStmt):
+        _one_line(s, f"{pad}return {_values([v.name for v in s.values], 'return')}", pad, out, cur)
+    else:
+        raise TypeError(f"not a statement: {s!r}")
 
 
 def _layer_index(i: ir.LayerIndex | None) -> str:
@@ -127,14 +207,32 @@ def _layer_index(i: ir.LayerIndex | None) -> str:
 
 
 def print_decl(d: ir.Decl) -> list[str]:
-    if isinstance(d, ir.ModelDecl):
-        return [f"model {json.dumps(d.name)}"]
-    if isinstance(d, ir.ConstDecl):
-        return [f"const {_ident(d.name)} = {print_expr(d.value)}"]
-    if isinstance(d, ir.DimDecl):
-        return [f"dim {_ident(d.name)} <= {print_expr(d.bound)}"]
+    out: list[str] = []
+    _decl(d, out, CommentCursor())
+    return out
+
+
+def _decl(d: ir.Decl, out: list[str], cur: CommentCursor) -> None:
     if isinstance(d, ir.ServeDecl):
-        return ["serve {", *(f"{INDENT}{_ident(a.key)} = {print_expr(a.value)}" for a in d.items), "}"]
+        _open(d, "serve {", out, cur)
+        _body(d, d.items, "", out, cur,
+              lambda a: _one_line(a, f"{INDENT}{_ident(a.key)} = {print_expr(a.value)}", INDENT, out, cur))
+    elif isinstance(d, ir.GraphDecl):
+        params = ", ".join(f"{_value(p.name)}: {print_type(p.type)}" for p in d.params)
+        results = ", ".join(print_type(t) for t in d.result_types)
+        _open(d, f"graph {_ident(d.name)}({params}) -> ({results}) {{", out, cur)
+        _body(d, d.body, "", out, cur, lambda s: _stmt(s, 1, out, cur))
+    else:
+        _one_line(d, _simple_decl(d), "", out, cur)
+
+
+def _simple_decl(d: ir.Decl) -> str:
+    if isinstance(d, ir.ModelDecl):
+        return f"model {json.dumps(d.name)}"
+    if isinstance(d, ir.ConstDecl):
+        return f"const {_ident(d.name)} = {print_expr(d.value)}"
+    if isinstance(d, ir.DimDecl):
+        return f"dim {_ident(d.name)} <= {print_expr(d.bound)}"
     if isinstance(d, ir.WeightDecl):
         head = f"weight {_ident(d.name)}{_layer_index(d.index)}"
         shard = ""
@@ -142,29 +240,51 @@ def print_decl(d: ir.Decl) -> list[str]:
             sh = d.shard
             shard = (f" shard(axis={print_expr(sh.axis)}, parts={print_expr(sh.parts)}, "
                      f"index={print_expr(sh.index)})")
-        return [f"{head} : {print_type(d.type)} = {json.dumps(d.checkpoint)}{shard}"]
+        return f"{head} : {print_type(d.type)} = {json.dumps(d.checkpoint)}{shard}"
     if isinstance(d, ir.StateDecl):
-        return [f"state {_ident(d.name)}{_layer_index(d.index)} : {print_type(d.type)}"]
-    if isinstance(d, ir.GraphDecl):
-        params = ", ".join(f"{_value(p.name)}: {print_type(p.type)}" for p in d.params)
-        results = ", ".join(print_type(t) for t in d.result_types)
-        lines = [f"graph {_ident(d.name)}({params}) -> ({results}) {{"]
-        for s in d.body:
-            lines.extend(print_stmt(s, 1))
-        lines.append("}")
-        return lines
+        return f"state {_ident(d.name)}{_layer_index(d.index)} : {print_type(d.type)}"
     raise TypeError(f"not a declaration: {d!r}")
 
 
-def print_module(m: ir.Module) -> str:
-    """Canonical text: one declaration per line, a blank line between groups of different kinds."""
+def print_module(m: ir.Module, layout: Layout | None = None) -> str:
+    """Canonical text: one declaration per line, a blank line between groups of different kinds.
+
+    With ``layout`` (:func:`mpkir.comments.scan_layout` of the source ``m`` was parsed from) the comments
+    are kept, above the declaration or statement they preceded or after the line they trailed, and so are
+    the source's blank lines between declarations and statements (one for several).
+    """
+    cur = CommentCursor(layout)
     out: list[str] = []
-    prev = None
+    prev, prev_end = None, None
     for d in m.decls:
         kind = type(d)
-        block = isinstance(d, (ir.ServeDecl, ir.GraphDecl))
-        if out and (kind is not prev or block):
-            out.append("")
-        out.extend(print_decl(d))
-        prev = kind
-    return "\n".join(out) + "\n"
+        if out and (kind is not prev or isinstance(d, (ir.ServeDecl, ir.GraphDecl))):
+            _blank(out)
+        _lead(d, prev_end, "", out, cur)
+        _decl(d, out, cur)
+        prev, prev_end = kind, _end(d)
+    for c in cur.before(None):
+        if c.blank_before:
+            _blank(out)
+        out.append(c.text)
+    return "\n".join(_align_trailing(out)) + "\n"
+
+
+def _align_trailing(lines: list[str]) -> list[str]:
+    """Trailing comments of consecutive lines start in one column, two spaces after the longest code."""
+    out: list[str] = []
+    run: list[tuple[str, str]] = []
+
+    def flush():
+        width = max(len(code) for code, _ in run) if run else 0
+        out.extend(f"{code.ljust(width)}  {comment}" for code, comment in run)
+        run.clear()
+
+    for line in lines:
+        if _TRAIL in line:
+            run.append(tuple(line.split(_TRAIL, 1)))
+        else:
+            flush()
+            out.append(line)
+    flush()
+    return out

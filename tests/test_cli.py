@@ -11,11 +11,12 @@ import pytest
 
 import mpkir
 from mpkir.cli import build_parser, main
+from mpkir.comments import scan_layout
 from mpkir.parser import parse
 from mpkir.printer import print_module
 
 GOOD = """model "cli"
-const hidden = 16   // a comment the formatter drops
+const hidden = 16   // a comment the formatter keeps
 const layers = 2
 dim B <= 4
 weight w[l < layers] : bf16[hidden, hidden] = "layers.{l}.w"
@@ -198,8 +199,9 @@ def test_fmt_prints_canonical_text(tmp_path, capsys):
     f = _write(tmp_path, "good.mpk", GOOD)
     assert main(["fmt", str(f)]) == 0
     out = capsys.readouterr().out
-    assert out == print_module(parse(GOOD))
-    assert "//" not in out
+    assert out == print_module(parse(GOOD), scan_layout(GOOD))
+    assert "const hidden = 16  // a comment the formatter keeps\n" in out
+    assert parse(out) == parse(GOOD)
     g = _write(tmp_path, "canon.mpk", out)
     assert main(["fmt", str(g)]) == 0
     assert capsys.readouterr().out == out  # printing is a fixpoint
@@ -212,7 +214,8 @@ def test_fmt_in_place_and_check(tmp_path, capsys):
     assert "not in canonical form" in capsys.readouterr().err
     assert main(["fmt", "-i", str(f)]) == 0
     assert capsys.readouterr().out == ""
-    assert f.read_text() == print_module(parse(GOOD))
+    assert f.read_text() == print_module(parse(GOOD), scan_layout(GOOD))
+    assert "// a comment the formatter keeps" in f.read_text()
     assert (os.stat(f).st_mode & 0o777) == 0o640  # the file keeps its permissions
     assert main(["fmt", "--check", str(f)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.mpk"]  # no temp files left
@@ -232,7 +235,7 @@ def test_fmt_output_file(tmp_path, capsys):
     out = tmp_path / "out.mpk"
     assert main(["fmt", str(f), "-o", str(out)]) == 0
     assert capsys.readouterr().out == ""
-    assert out.read_text() == print_module(parse(GOOD))
+    assert out.read_text() == print_module(parse(GOOD), scan_layout(GOOD))
     assert main(["fmt", str(f), "-o", str(tmp_path / "no" / "such" / "dir.mpk")]) == 1
     assert "cannot write" in capsys.readouterr().err
 

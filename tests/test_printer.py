@@ -64,8 +64,9 @@ def test_canonical_text():
     (ir.Neg(ir.BinOp("+", ir.Name("a"), ir.Num(1))), "-(a + 1)"),
     (ir.Neg(ir.Neg(ir.Name("a"))), "--a"),
     (ir.BinOp("*", ir.Num(2), ir.Num(-1)), "2 * -1"),
-    (ir.Num(1e-06), "1e-06"),
-    (ir.Num(1e16), "1e+16"),
+    (ir.Num(1e-06), "1e-6"),
+    (ir.Num(1e16), "1e16"),
+    (ir.Num(-2.5e-300), "-2.5e-300"),
     (ir.Str('a"b\\é'), '"a\\"b\\\\\\u00e9"'),
     (ir.ListVal((ir.Num(1), ir.Bool(False), ir.ListVal(()))), "[1, false, []]"),
 ])

@@ -9,12 +9,13 @@ from mpkir.commands import UsageError, load, write_text
 
 
 def run(args) -> int:
+    from mpkir.comments import scan_layout
     from mpkir.printer import print_module
 
     if args.in_place and args.path == "-":
         raise UsageError("-i needs a file, not stdin")
     module, text = load(args.path)  # raises (exit 1, nothing written) unless the file parses
-    out = print_module(module)
+    out = print_module(module, scan_layout(text))
     if args.check:
         if out != text:
             print(f"{args.path}: not in canonical form (run 'mpkir fmt -i {args.path}')", file=sys.stderr)
@@ -32,8 +33,10 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "fmt", help="print a .mpk file in canonical form",
-        description="Print a .mpk file in canonical form (comments are not kept). The file must parse; "
-                    "nothing is written otherwise. Output goes to stdout unless -i or -o is given.")
+        description="Print a .mpk file in canonical form. Comments are kept (above the declaration or "
+                    "statement they preceded, or after the line they trailed), and so are blank lines "
+                    "between declarations and statements (one for several). The file must parse; nothing "
+                    "is written otherwise. Output goes to stdout unless -i or -o is given.")
     p.add_argument("path", metavar="FILE", help=".mpk file ('-' reads stdin)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("-i", "--in-place", action="store_true",
