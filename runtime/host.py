@@ -24,6 +24,27 @@ TASK_DTYPE = np.dtype([("p", "<i8", (12,)), ("a", "<i4", (32,))])
 assert TASK_DTYPE.itemsize == 224
 
 
+
+def fill_step_inputs(block: np.ndarray, views, max_tokens: int, tokens, positions, seq_ids,
+                     page_table) -> int:
+    """Write one step's inputs into the io block (pinned, uploaded with one copy): ``views`` are its
+    (tokens, positions0, positions, seq ids, page table) parts. Rows past the T live tokens are 0, their seq
+    ids -1 (padding); the page table is copied as far as both shapes go. Returns T."""
+    T = len(tokens)
+    if not 1 <= T <= max_tokens:
+        raise ValueError(f"step of {T} tokens outside 1..{max_tokens} (serve block's max_tokens)")
+    tok, pos0, pos, sid, table = views
+    block[:] = 0
+    tok[:T] = tokens
+    pos0[:T] = positions
+    pos[:T] = positions
+    sid[:] = -1
+    sid[:T] = seq_ids
+    pt = np.asarray(page_table, np.int32)
+    r, c = min(table.shape[0], pt.shape[0]), min(table.shape[1], pt.shape[1])
+    table[:r, :c] = pt[:r, :c]
+    return T
+
 class DeviceError(RuntimeError):
     pass
 
@@ -372,6 +393,10 @@ class StepBackend:
             o += sz
         self.io_names = names
 
+    def _fill(self, tokens, positions, seq_ids, page_table) -> int:
+        return fill_step_inputs(self.h_io, [self.io[n] for n in self.io_names], self.max_tokens, tokens,
+                                positions, seq_ids, page_table)
+
     def load_weights(self, weights) -> None:
         """Copy every weight buffer's checkpoint tensor to the device (bf16), checking names and shapes."""
         cp, mk = self.mk.cp, self.mk
@@ -399,19 +424,7 @@ class StepBackend:
     def step(self, tokens, positions, seq_ids, page_table) -> np.ndarray:
         """One step for the T live tokens: logits [T, V] float32 (token ids [T] for an argmax graph)."""
         cp, mk = self.mk.cp, self.mk
-        T = len(tokens)
-        if not 1 <= T <= self.max_tokens:
-            raise ValueError(f"step of {T} tokens outside 1..{self.max_tokens} (serve block's max_tokens)")
-        tok, pos0, pos, sid, table = (self.io[n] for n in self.io_names)
-        self.h_io[:] = 0
-        tok[:T] = tokens
-        pos0[:T] = positions
-        pos[:T] = positions
-        sid[:] = -1
-        sid[:T] = seq_ids
-        pt = np.asarray(page_table, np.int32)
-        r, c = min(table.shape[0], pt.shape[0]), min(table.shape[1], pt.shape[1])
-        table[:r, :c] = pt[:r, :c]
+        T = self._fill(tokens, positions, seq_ids, page_table)
         self.d_io.set(self.h_io)  # one copy (pinned source)
         self.kernel_ms += mk.launch(1, live=T)
         self.steps += 1
@@ -562,19 +575,7 @@ class ResidentBackend(StepBackend):
     # ------------------------------------------------------------------ one engine step
     def step(self, tokens, positions, seq_ids, page_table) -> np.ndarray:
         """One step for the T live tokens: logits [T, V] float32, or argmax ids [T] with ``output='ids'``."""
-        T = len(tokens)
-        if not 1 <= T <= self.max_tokens:
-            raise ValueError(f"step of {T} tokens outside 1..{self.max_tokens} (serve block's max_tokens)")
-        tok, pos0, pos, sid, table = (self.io[n] for n in self.io_names)
-        self.h_io[:] = 0
-        tok[:T] = tokens
-        pos0[:T] = positions
-        pos[:T] = positions
-        sid[:] = -1
-        sid[:T] = seq_ids
-        pt = np.asarray(page_table, np.int32)
-        r, c = min(table.shape[0], pt.shape[0]), min(table.shape[1], pt.shape[1])
-        table[:r, :c] = pt[:r, :c]
+        T = self._fill(tokens, positions, seq_ids, page_table)
         for _ in range(2):  # a second try only after an idle end of the kernel
             if self.running and self.stream.done:
                 self._ended()

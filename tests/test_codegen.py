@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mpkir.codegen.emit import emit_cuda
@@ -181,3 +182,29 @@ def test_resident_kernel_final_op_follows_every_op(name):
     broken = dataclasses.replace(p, ops=[*p.ops, dataclasses.replace(p.ops[0], deps=[])])
     with pytest.raises(RuntimeError, match="final ops"):
         _final_op(broken)
+
+
+def test_step_inputs_fill_the_io_block_and_pad_the_rest():
+    """The GPU backends' per-step io block (pinned, one upload): live rows, padding rows (seq id -1, zeros),
+    the page table cut to the block's shape; a step outside 1..max_tokens is refused."""
+    from mpkir.runtime.host import fill_step_inputs
+
+    rng = np.random.default_rng()
+    T_max, R, P = 4, 3, 5
+    sizes = [T_max, T_max, T_max, T_max, R * P]
+    block = rng.integers(1, 99, sum(sizes)).astype(np.int32)  # stale values from an earlier step
+    views, o = [], 0
+    for sz in sizes:
+        views.append(block[o:o + sz])
+        o += sz
+    views[4] = views[4].reshape(R, P)
+    tokens, positions, seq_ids = [7, 8], [30, 2], [2, 0]
+    table = rng.integers(0, 50, (R + 1, P + 2))   # larger than the block's table: cut
+    assert fill_step_inputs(block, views, T_max, tokens, positions, seq_ids, table) == 2
+    tok, pos0, pos, sid, pt = views
+    assert tok.tolist() == [7, 8, 0, 0] and pos0.tolist() == pos.tolist() == [30, 2, 0, 0]
+    assert sid.tolist() == [2, 0, -1, -1]
+    assert np.array_equal(pt, table[:R, :P])
+    for bad in ([], [1] * (T_max + 1)):
+        with pytest.raises(ValueError, match=r"outside 1\.\.4"):
+            fill_step_inputs(block, views, T_max, bad, bad, bad, table)
