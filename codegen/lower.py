@@ -71,6 +71,19 @@ def fbits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", float(x)))[0]
 
 
+def halves64(bits: int) -> tuple[int, int]:
+    """A 64-bit pattern as two int32 task parameters (lo, hi)."""
+    lo, hi = struct.unpack("<ii", struct.pack("<Q", bits & (2**64 - 1)))
+    return lo, hi
+
+
+def dbits(x: float) -> int:
+    return struct.unpack("<Q", struct.pack("<d", float(x)))[0]
+
+
+SAMPLE_SMEM = NT * 8 + NT * 4 + 256 * 8 + 256 * 4 + 64  # MK_SMP_SMEM of codegen/mk_sample.cuh
+
+
 @dataclass
 class Buffer:
     name: str
@@ -576,9 +589,27 @@ class _Lowerer:
     def op_sample(self, s):
         if self.world > 1 and self._greedy_sample(s):
             return self._argmax_peers(s, 0)
-        raise _err(
-            "sampling with temperature > 0 is not implemented on the GPU backend yet (use --greedy)", s
-        )
+        if self.world > 1:
+            raise _err("sampling with temperature > 0 is not implemented with tensor parallelism yet", s)
+        if self._greedy_sample(s):
+            raise _err("greedy sample must directly follow a linear (lm_head) on the GPU backend", s)
+        # one mk_sample task per token row (codegen/mk_sample.cuh): temperature, top-k, top-p, Gumbel-max
+        logits, pos = self.val(s.operands[0]), self.val(s.operands[1])
+        lt = self.types[s.operands[0].name] if isinstance(s.operands[0], ir.ValueRef) else None
+        if lt is None or lt.dtype not in (ir.DType.bf16, ir.DType.f32):
+            raise _err("sample on the GPU needs bf16 or f32 logits computed by the graph", s)
+        V = self.shape(lt)[-1]
+        a = self.attrs(s)
+        outb = self.new_act(s.results[0], self.types[s.results[0]])
+        params = {16: V, 18: self.maxB, 19: int(lt.dtype == ir.DType.f32), 20: V, 23: int(a.get("top_k", 0))}
+        params[21], params[22] = halves64(dbits(a.get("temperature", 1.0)))
+        params[24], params[25] = halves64(dbits(a.get("top_p", 1.0)))
+        params[26], params[27] = halves64(int(a.get("seed", 0)))
+        tasks = [Task("mk_sample", {0: (logits, 0), 1: (outb, 0), 2: ("hist", 0), 3: (pos, 0)},
+                      {**params, 17: b}, cost=V * 4 * 12) for b in range(self.B)]
+        self.smem = max(getattr(self, "smem", 0), SAMPLE_SMEM)
+        self.logits = logits
+        self.final_op = self.add_op(s.results[0], "sample", tasks, [logits, pos], [outb, "hist"])
 
     def rows_per_task(self, N: int, K: int) -> int:
         k = 1

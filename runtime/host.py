@@ -618,7 +618,8 @@ def make_step_backend(module, analysis, weights, graph: str | None = None, resid
 
 
 def run_cli(args) -> int:
-    """``mpkir run FILE --device gpu --steps N [--trace out.json]``: random weights, one launch, tokens."""
+    """``mpkir run FILE --device gpu --steps N [--trace out.json] [--greedy]``: random weights, one launch,
+    tokens (sampled in the kernel where the graph samples, unless --greedy)."""
     from mpkir.commands import load
     from mpkir.semantics import build_env
 
@@ -630,7 +631,7 @@ def run_cli(args) -> int:
     module, _ = load(args.path)
     env, _ = build_env(module)
     ntok = len(args.tokens) if args.tokens else 1
-    mk = Megakernel(module, batch=ntok)
+    mk = Megakernel(module, batch=ntok, greedy=getattr(args, "greedy", False))
     mk.init_random(args.seed)
     vocab = int(env.consts.get("vocab", 1000))
     rng = np.random.default_rng(args.seed)

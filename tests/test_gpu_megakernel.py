@@ -55,3 +55,35 @@ def test_multi_step_launch_advances():
     toks = mk.tokens()
     assert toks.shape == (6, 2) and (toks >= 0).all()
     assert mk.bufs["in:positions"].get()[:2].tolist() == [10, 14]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 50, 0.9), (1.0, 0, 1.0), (0.6, 0, 0.9)])
+def test_sample_task_draws_the_operators_token(temperature, top_k, top_p):
+    """A graph that samples: the mk_sample tasks' tokens equal the sample operator's reference on the
+    kernel's own (poisoned-first) logits and positions, at step 1 and at the last step of a 4-step launch."""
+    from mpkir.ops.sampling import sample_ref
+    from mpkir.parser import parse
+    from mpkir.runtime.host import Megakernel
+
+    src = EXAMPLE.read_text().replace(
+        "%next = argmax(%logits)",
+        f"%next = sample(%logits, %positions, temperature={temperature}, top_k={top_k}, top_p={top_p}, "
+        "seed=11)")
+    m = parse(src, "sampled.mpk")
+    batch = 5
+    mk = Megakernel(m, batch=batch, greedy=False)
+    assert "mk_sample" in mk.plan.variants
+    mk.init_random(3)
+    rng = np.random.default_rng()
+    for steps in (1, 4):
+        mk.set_inputs(rng.integers(0, 49152, batch), rng.integers(1, 200, batch))
+        mk.poison()
+        mk.launch(steps)
+        logits = _bf16(mk.bufs["v:logits"])[:batch]
+        assert np.isfinite(logits).all()
+        pos = mk.bufs["in:positions"].get()[:batch]
+        want = sample_ref(logits, pos, temperature, top_k, top_p, 11)
+        toks = mk.tokens()
+        assert toks.shape == (steps, batch)
+        assert toks[-1].tolist() == want.tolist()
+        assert (mk.bufs["v:next"].get()[:batch] == want).all()
