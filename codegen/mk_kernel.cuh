@@ -81,9 +81,11 @@ mk_megakernel(const MkTask* __restrict__ tasks, const int* __restrict__ list_off
 
 // ------------------------------------------------------------------------------------------ serving
 // Host ring (pinned, device-mapped), slot (it-1) % nslots, int32 words: [0,1] sequence number (u64, = it when
-// published), [2] command (0 run, 1 stop), [3] live tokens T, [4] output (0 logits, 1 argmax ids),
-// [16 .. 16+io_n) the step's input block (copied as is over the device io block). Output (pinned): out_done
-// (u64, = it once the step's output is complete) and out (f32 [T][V] logits, or i32 [T] ids).
+// published), [2] command (0 run, 1 stop), [3] live tokens T, [4] output (0 logits, 1 argmax ids, 2 sampled ids),
+// [16 .. 16+io_n) the step's input block (copied as is over the device io block), and for output 2 (sampled
+// ids) from word smp_off 8 words per row: temperature (f64 lo, hi), top_k, top_p (f64 lo, hi), seed (u64 lo,
+// hi), position of the draw. Output (pinned): out_done (u64, = it once the step's output is complete) and out
+// (f32 [T][V] logits, or i32 [T] ids).
 // sctl (device, zeroed per launch, u64 words): [0] steps whose inputs are on the device, [1] CTAs done with
 // their share of the output (never reset), [2] command, [3] T, [4] output mode.
 // status[0] error codes: 1 watchdog timeout inside a step, 2 the host published no step for idle_ns.
@@ -125,7 +127,7 @@ mk_megakernel_serve(const MkTask* __restrict__ tasks, const int* __restrict__ li
                     long long spin_limit, int* jit_tickets, const int* ring, int nslots, int slot_ints, int* io,
                     int io_n, unsigned long long* sctl, int final_ev, int final_trig, const void* logits,
                     int logits_f32, int V, int logits_ld, void* out, unsigned long long* out_done,
-                    long long idle_ns) {
+                    long long idle_ns, int smp_off) {
   extern __shared__ __align__(16) char smem[];
   __shared__ MkTask s_task;
   __shared__ int s_jit, s_cmd, s_B, s_mode, s_ok;
@@ -187,6 +189,18 @@ mk_megakernel_serve(const MkTask* __restrict__ tasks, const int* __restrict__ li
         if (logits_f32) v = __ldcg((const float*)logits + r * logits_ld + c);
         else v = mk_ld_bf16((const __nv_bfloat16*)logits + r * logits_ld + c);
         o[e] = v;
+      }
+    } else if (mode == 2) {  // sample row sm with its request's parameters (ring slot words smp_off + 8 sm)
+      if (sm < B) {
+        const int* prm = ring + (size_t)((it - 1) % nslots) * slot_ints + smp_off + sm * 8;
+        int w[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) w[j] = __ldcv(prm + j);
+        const int token = mk_sample_row((const char*)logits + (size_t)sm * logits_ld * (logits_f32 ? 4 : 2),
+                                        logits_f32, V, __longlong_as_double((long long)mk_smp_join(w[0], w[1])),
+                                        w[2], __longlong_as_double((long long)mk_smp_join(w[3], w[4])),
+                                        mk_smp_join(w[5], w[6]), w[7], smem);
+        if (threadIdx.x == 0) ((int*)out)[sm] = token;
       }
     } else if (sm < B) {  // argmax of row sm (first index of the maximum, as numpy)
       float best = MK_NEG_INF;

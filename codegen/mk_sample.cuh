@@ -1,5 +1,5 @@
 // mpkir megakernel: the `sample` operator as a task body (one task per token row; semantics of
-// mpkir/ops/sampling.py). Written for any power-of-two MK_NT with block-wide steps only (shared-memory trees,
+// mpkir/ops/sampling.py), and mk_sample_row, which the serving kernel also calls for per-request sampling. Written for any power-of-two MK_NT with block-wide steps only (shared-memory trees,
 // shared-memory atomics, __syncthreads; no warp intrinsics), so tests run the same text as C++ on the CPU with
 // MK_NT threads (mpkir/testing/cta.py).
 //
@@ -26,16 +26,18 @@ __device__ __forceinline__ unsigned long long mk_smp_mix(unsigned long long x) {
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
 }
+__device__ __forceinline__ unsigned long long mk_smp_join(int lo, int hi) {
+  return (unsigned long long)(unsigned)lo | ((unsigned long long)(unsigned)hi << 32);
+}
 __device__ __forceinline__ unsigned long long mk_smp_u64(const MkTask& t, int i) {
-  return (unsigned long long)(unsigned)t.a[i] | ((unsigned long long)(unsigned)t.a[i + 1] << 32);
+  return mk_smp_join(t.a[i], t.a[i + 1]);
 }
 __device__ __forceinline__ double mk_smp_f64(const MkTask& t, int i) {
   return __longlong_as_double((long long)mk_smp_u64(t, i));
 }
-__device__ __forceinline__ float mk_smp_logit(const MkTask& t, int i) {
-  const size_t o = (size_t)t.a[17] * t.a[20] + i;
-  if (t.a[19]) return __ldcg((const float*)t.p[0] + o);
-  return __uint_as_float((unsigned)__ldcg((const unsigned short*)t.p[0] + o) << 16);
+__device__ __forceinline__ float mk_smp_logit(const void* row, int f32, int i) {
+  if (f32) return __ldcg((const float*)row + i);
+  return __uint_as_float((unsigned)__ldcg((const unsigned short*)row + i) << 16);
 }
 
 // Block-wide: (value, index) with the largest value, the smallest index on ties (every thread gets it).
@@ -104,12 +106,9 @@ __device__ unsigned mk_smp_nth(int V, int n, KeyOf key, int* hist, int* sh, int*
   return prefix;
 }
 
-__device__ void mk_sample(const MkTask& t, int it, int B, char* smem) {
-  if (!mk_block_wait(t)) return;
-  const int b = t.a[17];
-  if (b >= B) return;
-  const int V = t.a[16], maxB = t.a[18], top_k = t.a[23];
-  const double temp = mk_smp_f64(t, 21), top_p = mk_smp_f64(t, 24);
+// One row: the sampled token (every thread returns it). temperature <= 0: the first index of the maximum.
+__device__ int mk_sample_row(const void* row, int f32, int V, double temp, int top_k, double top_p,
+                             unsigned long long seed, int pos, char* smem) {
   double* sv = (double*)smem;                                          // [MK_NT]
   int* si = (int*)(sv + MK_NT);                                        // [MK_NT]
   unsigned long long* hm = (unsigned long long*)(si + MK_NT);         // [256] masses (fixed point)
@@ -120,7 +119,7 @@ __device__ void mk_sample(const MkTask& t, int it, int B, char* smem) {
   double best = MK_SMP_NEG_INF;
   int bi = 0x7fffffff;
   for (int i = threadIdx.x; i < V; i += MK_NT) {
-    const double v = (double)mk_smp_logit(t, i);
+    const double v = (double)mk_smp_logit(row, f32, i);
     if (v > best) { best = v; bi = i; }
   }
   mk_smp_argmax(best, bi, sv, si);
@@ -133,12 +132,12 @@ __device__ void mk_sample(const MkTask& t, int it, int B, char* smem) {
     int rank, count;
     // 2. top-k: the k-th largest value, and how many of the entries equal to it stay (lowest indices first)
     if (top_k > 0 && top_k < V) {
-      kkey = mk_smp_nth(V, top_k, [&](int i, unsigned& k) { k = mk_smp_key(mk_smp_logit(t, i)); return true; },
+      kkey = mk_smp_nth(V, top_k, [&](int i, unsigned& k) { k = mk_smp_key(mk_smp_logit(row, f32, i)); return true; },
                         hc, sh, &rank, &count);
       if (rank < count) {
         const unsigned kk = kkey;
         kidx = (int)~mk_smp_nth(V, rank, [&](int i, unsigned& k) {
-          if (mk_smp_key(mk_smp_logit(t, i)) != kk) return false;
+          if (mk_smp_key(mk_smp_logit(row, f32, i)) != kk) return false;
           k = ~(unsigned)i;  // the largest ~i is the smallest index
           return true;
         }, hc, sh, &rank, &count);
@@ -148,7 +147,7 @@ __device__ void mk_sample(const MkTask& t, int it, int B, char* smem) {
     if (top_p < 1.0) {
       unsigned long long s = 0;
       for (int i = threadIdx.x; i < V; i += MK_NT) {
-        const float v = mk_smp_logit(t, i);
+        const float v = mk_smp_logit(row, f32, i);
         const unsigned k = mk_smp_key(v);
         if (k > kkey || (k == kkey && i <= kidx))
           s += (unsigned long long)(exp((double)v / temp - zmax) * MK_SMP_FX + 0.5);
@@ -160,7 +159,7 @@ __device__ void mk_sample(const MkTask& t, int it, int B, char* smem) {
         for (int j = threadIdx.x; j < 256; j += MK_NT) { hm[j] = 0; hc[j] = 0; }
         __syncthreads();
         for (int i = threadIdx.x; i < V; i += MK_NT) {
-          const float v = mk_smp_logit(t, i);
+          const float v = mk_smp_logit(row, f32, i);
           const unsigned k = mk_smp_key(v);
           if ((k > kkey || (k == kkey && i <= kidx)) && (k & mask) == prefix) {
             const int bin = (k >> shift) & 255;
@@ -205,7 +204,7 @@ __device__ void mk_sample(const MkTask& t, int it, int B, char* smem) {
         const unsigned kk = prefix, ok = kkey;
         const int oi = kidx;
         kidx = (int)~mk_smp_nth(V, n, [&](int i, unsigned& k) {
-          const unsigned kv = mk_smp_key(mk_smp_logit(t, i));
+          const unsigned kv = mk_smp_key(mk_smp_logit(row, f32, i));
           if (kv != kk || !(kv > ok || (kv == ok && i <= oi))) return false;
           k = ~(unsigned)i;
           return true;
@@ -216,13 +215,11 @@ __device__ void mk_sample(const MkTask& t, int it, int B, char* smem) {
       kkey = prefix;
     }
     // 4. Gumbel-max over the kept entries: z + g, g = -log(-log(u)), u from splitmix64(seed, position, index)
-    const unsigned long long seed = mk_smp_u64(t, 26);
-    const int pos = __ldcg((const int*)t.p[3] + b);
     const unsigned long long key = mk_smp_mix(mk_smp_mix(seed) ^ (unsigned long long)(unsigned)pos);
     best = MK_SMP_NEG_INF;
     bi = 0x7fffffff;
     for (int i = threadIdx.x; i < V; i += MK_NT) {
-      const float v = mk_smp_logit(t, i);
+      const float v = mk_smp_logit(row, f32, i);
       const unsigned k = mk_smp_key(v);
       if (!(k > kkey || (k == kkey && i <= kidx))) continue;
       const unsigned long long h = mk_smp_mix(key ^ (unsigned long long)i);
@@ -233,8 +230,19 @@ __device__ void mk_sample(const MkTask& t, int it, int B, char* smem) {
     mk_smp_argmax(best, bi, sv, si);
     token = bi;
   }
+  return token;
+}
+
+__device__ void mk_sample(const MkTask& t, int it, int B, char* smem) {
+  if (!mk_block_wait(t)) return;
+  const int b = t.a[17];
+  if (b >= B) return;
+  const int f32 = t.a[19];
+  const void* row = (const char*)t.p[0] + (size_t)b * t.a[20] * (f32 ? 4 : 2);
+  const int token = mk_sample_row(row, f32, t.a[16], mk_smp_f64(t, 21), t.a[23], mk_smp_f64(t, 24),
+                                  mk_smp_u64(t, 26), __ldcg((const int*)t.p[3] + b), smem);
   if (threadIdx.x == 0) {
     ((int*)t.p[1])[b] = token;
-    ((int*)t.p[2])[(size_t)(it - 1) * maxB + b] = token;
+    ((int*)t.p[2])[(size_t)(it - 1) * t.a[18] + b] = token;
   }
 }

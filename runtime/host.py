@@ -17,7 +17,7 @@ import weakref
 import numpy as np
 
 from mpkir.codegen.emit import emit_cuda
-from mpkir.codegen.lower import NT, Plan, lower
+from mpkir.codegen.lower import NT, SAMPLE_SMEM, Plan, lower
 from mpkir.codegen.superopt_tasks import maybe_apply
 
 TASK_DTYPE = np.dtype([("p", "<i8", (12,)), ("a", "<i4", (32,))])
@@ -44,6 +44,23 @@ def fill_step_inputs(block: np.ndarray, views, max_tokens: int, tokens, position
     r, c = min(table.shape[0], pt.shape[0]), min(table.shape[1], pt.shape[1])
     table[:r, :c] = pt[:r, :c]
     return T
+
+
+def pack_sampling_rows(rows, max_tokens: int) -> np.ndarray:
+    """Per-row sampling parameters for the serving kernel's sampled output (8 int32 words a row, see
+    mk_kernel.cuh): ``rows`` are (temperature, top_k, top_p, seed, position of the draw); temperature 0 is
+    greedy. Rows past ``len(rows)`` are greedy."""
+    out = np.zeros((max_tokens, 8), np.int32)
+    if len(rows) > max_tokens:
+        raise ValueError(f"{len(rows)} sampling rows for at most {max_tokens} tokens")
+    for i, (temperature, top_k, top_p, seed, pos) in enumerate(rows):
+        words = np.array([float(temperature), float(top_p)], np.float64).view(np.int32)
+        out[i, 0:2], out[i, 3:5] = words[0:2], words[2:4]
+        out[i, 2] = int(top_k)
+        out[i, 5:7] = np.array([int(seed) & (2**64 - 1)], np.uint64).view(np.int32)
+        out[i, 7] = int(pos)
+    return out
+
 
 class DeviceError(RuntimeError):
     pass
@@ -437,6 +454,7 @@ class StepBackend:
 
 
 SERVE_HDR = 16  # int32 words of a ring slot's header (MK_SERVE_HDR in mk_kernel.cuh)
+RESIDENT_OUTPUTS = ("logits", "ids", "sample")  # the serving kernel's output modes 0, 1, 2
 IDLE_CODE = 2  # status[0] when the resident kernel saw no step for idle_s (it ends; the next step relaunches)
 
 
@@ -470,7 +488,8 @@ class ResidentBackend(StepBackend):
     then publishes it by writing the step number ``s``. Worker 0 of the kernel waits for that number (system
     scope acquire, bounded by ``idle_s``), copies the block over the device inputs and releases the step to
     all workers; the step runs under the never-reset event counters; the workers copy the logits (f32
-    [T, V]) or, with ``output="ids"``, the row argmaxes into pinned memory, and worker 0 publishes ``s`` as
+    [T, V]), with ``output="ids"`` the row argmaxes, with ``output="sample"`` the tokens drawn with each row's
+    parameters (``mk_sample_row``; the slot carries them) into pinned memory, and worker 0 publishes ``s`` as
     the done number (system-scope release), which ``step`` waits for. ``close`` sends "stop". A kernel
     that saw no step for ``idle_s`` ends itself (status code 2) and the next ``step`` relaunches it;
     ``launches`` counts the launches. While it runs, nothing may synchronise the device (its stream is
@@ -479,8 +498,8 @@ class ResidentBackend(StepBackend):
 
     def __init__(self, module, analysis, weights, graph: str | None = None, spin_limit: int = 20_000_000,
                  output: str = "logits", nslots: int = 2, idle_s: float = 2.0, timeout_s: float = 120.0):
-        if output not in ("logits", "ids"):
-            raise ValueError(f"output must be 'logits' or 'ids', not {output!r}")
+        if output not in RESIDENT_OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(RESIDENT_OUTPUTS)}, not {output!r}")
         super().__init__(module, analysis, weights, graph, spin_limit)
         mk, cp = self.mk, self.mk.cp
         if not self.returns_logits:
@@ -499,7 +518,11 @@ class ResidentBackend(StepBackend):
         self.V = int(lg.shape[1])
         self.final = _final_op(mk.plan)
         self.io_n = self.h_io.size
-        self.slot_ints = SERVE_HDR + (self.io_n + 3) // 4 * 4
+        self.smp_off = SERVE_HDR + (self.io_n + 3) // 4 * 4  # per-row sampling parameters (output "sample")
+        self.slot_ints = self.smp_off + (8 * self.max_tokens if output == "sample" else 0)
+        if output == "sample" and mk.plan.smem_bytes < SAMPLE_SMEM:
+            raise DeviceError(f"in-kernel sampling needs {SAMPLE_SMEM} B of shared memory per worker, the "
+                              f"plan has {mk.plan.smem_bytes}")
         n = nslots * self.slot_ints
         self._ring_mem = cp.cuda.alloc_pinned_memory(n * 4)
         ring = np.frombuffer(self._ring_mem, np.int32, n).reshape(nslots, self.slot_ints)
@@ -542,7 +565,7 @@ class ResidentBackend(StepBackend):
                     np.int32(self.final), np.int32(len(p.ops[self.final].tasks)),
                     lg, np.int32(lg.dtype == cp.float32), np.int32(self.V), np.int32(lg.shape[1]),
                     np.uint64(self.h_logits.ctypes.data), np.uint64(self.h_done.ctypes.data),
-                    np.int64(int(self.idle_s * 1e9)),
+                    np.int64(int(self.idle_s * 1e9)), np.int32(self.smp_off),
                 ),
                 shared_mem=p.smem_bytes,
             )
@@ -573,28 +596,38 @@ class ResidentBackend(StepBackend):
         self.close()
 
     # ------------------------------------------------------------------ one engine step
-    def step(self, tokens, positions, seq_ids, page_table) -> np.ndarray:
-        """One step for the T live tokens: logits [T, V] float32, or argmax ids [T] with ``output='ids'``."""
+    @property
+    def samples_rows(self) -> bool:
+        """True when ``step`` takes per-row sampling parameters and returns the drawn ids."""
+        return self.output == "sample"
+
+    def step(self, tokens, positions, seq_ids, page_table, sampling=None) -> np.ndarray:
+        """One step for the T live tokens: logits [T, V] float32; argmax ids [T] with ``output='ids'``; with
+        ``output='sample'`` the ids drawn in the kernel with ``sampling`` (per row: temperature, top_k, top_p,
+        seed, position of the draw; None: all greedy)."""
         T = self._fill(tokens, positions, seq_ids, page_table)
+        params = pack_sampling_rows(sampling or [], T) if self.output == "sample" else None
         for _ in range(2):  # a second try only after an idle end of the kernel
             if self.running and self.stream.done:
                 self._ended()
             if not self.running:
                 self._launch()
             it = self._st["it"] + 1
-            if self._publish_and_wait(it, T):
+            if self._publish_and_wait(it, T, params):
                 break
         self._st["it"] = it
         self.steps += 1
-        if self.output == "ids":
+        if self.output != "logits":
             return self.h_ids[:T].astype(np.int64)
         return self.h_logits[: T * self.V].reshape(T, self.V).copy()
 
-    def _publish_and_wait(self, it: int, T: int) -> bool:
+    def _publish_and_wait(self, it: int, T: int, params: np.ndarray | None) -> bool:
         ring = self._st["ring"]
         slot = ring[(it - 1) % ring.shape[0]]
-        slot[2], slot[3], slot[4] = 0, T, 1 if self.output == "ids" else 0
+        slot[2], slot[3], slot[4] = 0, T, RESIDENT_OUTPUTS.index(self.output)
         slot[SERVE_HDR : SERVE_HDR + self.io_n] = self.h_io
+        if params is not None:
+            slot[self.smp_off : self.smp_off + params.size] = params.reshape(-1)
         slot.view(np.uint64)[0] = it  # publish (x86 stores are seen in order)
         done, t0, n = self.h_done, time.perf_counter(), 0
         while done[0] < it:

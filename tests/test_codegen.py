@@ -239,3 +239,20 @@ def test_sampling_under_tensor_parallelism_is_refused_by_location():
     rank = shard_module(parse(text, "llama3_2_1b.mpk"), 0)
     with pytest.raises(MpkError, match="temperature > 0 is not implemented with tensor parallelism"):
         lower(rank, greedy=False, batch=1, world=2)
+
+
+def test_sampling_rows_pack_as_the_serving_kernel_reads_them():
+    """8 int32 words a row (mk_kernel.cuh, output 2): temperature f64 lo/hi, top_k, top_p f64 lo/hi, seed u64
+    lo/hi, the draw's position; rows not given are greedy (temperature 0)."""
+    from mpkir.runtime.host import pack_sampling_rows
+
+    rows = [(0.7, 40, 0.95, -3, 17), (0.0, 0, 1.0, 2**64 - 1, 5)]
+    w = pack_sampling_rows(rows, 4)
+    assert w.shape == (4, 8) and w.dtype == np.int32
+    for (temperature, top_k, top_p, seed, pos), r in zip(rows, w, strict=False):
+        assert r[0:2].view(np.float64)[0] == temperature and r[3:5].view(np.float64)[0] == top_p
+        assert r[2] == top_k and r[7] == pos
+        assert int(r[5:7].view(np.uint64)[0]) == seed % 2**64
+    assert not w[2:].any()
+    with pytest.raises(ValueError, match="at most 1"):
+        pack_sampling_rows(rows, 1)

@@ -174,3 +174,24 @@ def test_generate_command_on_the_gpu_equals_the_cpu_path(ckpt, capsys):
     cpu = run("--device", "cpu", "--precision", "bf16")
     assert run("--device", "gpu") == cpu
     assert run("--device", "gpu", "--gpu-backend", "step") == cpu
+
+
+def test_resident_kernel_sampling_equals_host_sampling(ckpt):
+    """kernel_sampling: the resident kernel draws each request's token (mk_sample_row) from the same logits
+    the host would sample: the same tokens, per request parameters and seeds, with ids (not logits) back."""
+    m = load_model(ckpt["dir"], serve=DECODE, device="gpu")
+    prompts = ckpt["prompts"][:4]
+    samp = [SamplingParams(0.9, top_k=40, top_p=0.9, seed=1), SamplingParams(1.3, seed=2),
+            SamplingParams(0.7, top_p=0.5, seed=3), SamplingParams()]
+    outs = []
+    for kernel_sampling in (False, True):
+        be = make_backend(m, "gpu", gpu_backend="resident", kernel_sampling=kernel_sampling)
+        try:
+            assert getattr(be, "samples_rows", False) == kernel_sampling
+            e = Engine(be, EngineConfig.from_serve(m.serve))
+            outs.append([r.output for r in e.generate(prompts, N_NEW, samp, stop_ids=())])
+            assert be.launches == 1
+        finally:
+            be.close()
+    assert outs[1] == outs[0]
+    assert outs[0][3] == _cpu(m, prompts[3:])[0]   # the greedy request: the CPU interpreter's tokens

@@ -193,3 +193,39 @@ def test_memory_guard_refuses_with_numbers():
     msg = str(ei.value)
     assert "16.000 GB" in msg and "70.000 GB" in msg and "86.000 GB" in msg and "h100" in msg
     check_fits(MemoryPlan(1_000, 1_000), 80_000_000_000, "h100")
+
+
+class _RowSampler:
+    """A backend that draws the tokens itself (as the resident kernel with ``kernel_sampling``): the engine
+    hands it each row's (temperature, top_k, top_p, seed, position); it returns ids."""
+
+    samples_rows = True
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def step(self, tokens, positions, seq_ids, page_table, sampling=None):
+        logits = np.asarray(self.inner.step(tokens, positions, seq_ids, page_table))
+        assert sampling is not None and len(sampling) == len(tokens)
+        self.calls.append(sampling)
+        return np.array([sample_token(logits[i], pos, SamplingParams(t, k, p, s))
+                         for i, (t, k, p, s, pos) in enumerate(sampling)], np.int64)
+
+
+def test_a_backend_that_samples_rows_gets_the_draws_the_engine_would_make(model):
+    """Per-request parameters (greedy with drafts, several sampled seeds), chunked prefill: the tokens are
+    those of host-side sampling from logits, so a sampling kernel needs nothing else from the engine."""
+    rng = np.random.default_rng(8)
+    motif = [int(x) for x in rng.integers(0, 97, 5)]
+    prompts = [motif * 4, *_prompts(9, (30, 6, 11))]
+    samp = [SamplingParams(), SamplingParams(1.2, top_k=30, top_p=0.9, seed=4),
+            SamplingParams(0.8, top_p=0.5, seed=2**63 + 5), SamplingParams(2.0, top_k=3, seed=-7)]
+    kw = dict(speculative=True, spec_k=3, ngram=2, max_tokens=12)
+    want = [r.output for r in _engine(model, **kw).generate(prompts, 14, samp)]
+    e = _engine(model, **kw)
+    e.backend = _RowSampler(e.backend)
+    got = [r.output for r in e.generate(prompts, 14, samp)]
+    assert got == want
+    assert e.stats.drafted > 0
+    draws = [row for call in e.backend.calls for row in call if row[0] > 0]
+    assert {row[3] for row in draws} == {4, 2**63 + 5, -7}     # every sampled request's seed reached it

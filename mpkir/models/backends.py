@@ -159,13 +159,16 @@ def make_backend(
     float_storage: str | None = None,
     gpu_backend: str | None = None,
     greedy_only: bool = False,
+    kernel_sampling: bool = False,
 ):
     """The step function for a :class:`~mpkir.models.loader.LoadedModel` on ``cpu`` or ``gpu``.
 
     ``gpu_backend``: ``resident`` (one megakernel launch serves every step) or ``step`` (one launch per
     step); default: the environment's ``MPKIR_GPU_BACKEND``, else :data:`DEFAULT_GPU_BACKEND`.
     ``greedy_only``: every request will be greedy, so the resident kernel returns each row's argmax id
-    instead of the logits (no [T, V] copy back, no host argmax)."""
+    instead of the logits (no [T, V] copy back, no host argmax). ``kernel_sampling``: the resident kernel
+    draws every request's token itself with the request's parameters (``mk_sample_row``, the ``sample``
+    operator's semantics) and returns ids; opt-in until it is measured on the device."""
     if device == "gpu":
         try:
             from mpkir.runtime import host  # the megakernel runtime (issue 4)
@@ -181,7 +184,7 @@ def make_backend(
         if kind not in GPU_BACKENDS:
             raise error(f"unknown GPU backend '{kind}' (choose from {', '.join(GPU_BACKENDS)})")
         if kind == "resident":
-            output = "ids" if greedy_only else "logits"
+            output = "ids" if greedy_only else ("sample" if kernel_sampling else "logits")
             return factory(loaded.module, loaded.analysis, loaded.weights, resident=True, output=output)
         return factory(loaded.module, loaded.analysis, loaded.weights)
     return InterpreterBackend(loaded.module, loaded.analysis, loaded.weights, float_storage=float_storage)

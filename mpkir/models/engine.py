@@ -366,12 +366,15 @@ class Engine:
         table = np.zeros((c.max_requests, c.pages_per_seq), np.int32)
         for r in self.running:
             table[r.slot, : len(r.pages)] = r.pages
+        extra = {"sampling": self._row_sampling(plan, len(tokens))} if getattr(
+            self.backend, "samples_rows", False) else {}
         t0 = time.perf_counter()
         out = self.backend.step(
             np.asarray(tokens, np.int32),
             np.asarray(positions, np.int32),
             np.asarray(seq_ids, np.int32),
             table,
+            **extra,
         )
         now = time.perf_counter()
         out = np.asarray(out)
@@ -398,6 +401,21 @@ class Engine:
         for r in finished:
             self._release(r)
         return gone + finished
+
+    @staticmethod
+    def _row_sampling(plan, ntokens: int) -> list[tuple[float, int, float, int, int]]:
+        """For a backend that samples: (temperature, top_k, top_p, seed, position) of every row of the step,
+        exactly the draws :meth:`_accept` would make from logits (rows it does not read are greedy)."""
+        rows = [(0.0, 0, 1.0, 0, 0)] * ntokens
+        row = 0
+        for r, toks, ndraft in plan:
+            if r.computed + len(toks) >= len(r.tokens):  # rows that produce tokens
+                sp, pos, base = r.sampling, len(r.tokens), row + len(toks) - ndraft - 1
+                temperature = 0.0 if sp.greedy else float(sp.temperature)
+                for j in range(ndraft + 1):
+                    rows[base + j] = (temperature, int(sp.top_k), float(sp.top_p), int(sp.seed), pos + j)
+            row += len(toks)
+        return rows
 
     def _pick(self, r: Request, logits_or_id: np.ndarray, position: int) -> int:
         if logits_or_id.ndim == 0:
