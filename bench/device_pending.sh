@@ -1,0 +1,16 @@
+#!/bin/bash
+# One device call for the work written without a GPU (2026-12-05): run it with `.whl` carried, e.g.
+#   run(command="bash bench/device_pending.sh", carry=[".whl"])
+# 1. the GPU tests of in-kernel sampling (mk_sample task, resident kernel output mode 2) and of every other
+#    GPU path (the megakernel refactor of 2026-12-05: the multi-step kernel walks through mk_walk);
+# 2. the found split-KV paged attention forced into the real megakernel (issue 5), Qwen3-0.6B and Llama-1B.
+bash bench/dev_setup.sh || exit 1
+export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python -m pytest -q -m gpu tests/test_gpu_megakernel.py tests/test_gpu_persistent.py tests/test_gpu_step_backend.py \
+  tests/test_superopt_megakernel.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
+for m in qwen3_0_6b llama3_2_1b; do
+  python bench/superopt_megakernel_check.py --force decode_attention --models $m \
+    --out "$OUT/superopt_mk_attn_$m.json" 2>&1 | tail -6
+done
