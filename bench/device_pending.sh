@@ -6,7 +6,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     lark==1.3.1 gguf==0.19.0 z3-solver==4.15.4.0
-# 1. the GPU tests of in-kernel sampling (mk_sample task, resident kernel output mode 2) and of every other
+# 1. the GPU tests of in-kernel sampling (mk_sample task, resident kernel output mode 2), of in-kernel KV
+#    pages (mk_pages.cuh, ResidentBackend(kernel_pages=True)) and of every other
 #    GPU path (the megakernel refactor of 2026-12-05: the multi-step kernel walks through mk_walk);
 # 2. the found split-KV paged attention forced into the real megakernel (issue 5), Qwen3-0.6B and Llama-1B.
 bash bench/dev_setup.sh || exit 1

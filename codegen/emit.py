@@ -11,7 +11,7 @@ from importlib import resources
 
 from mpkir.codegen.lower import NT, Plan
 
-_HEADERS = ("mk_runtime.cuh", "mk_tasks.cuh", "mk_sample.cuh")
+_HEADERS = ("mk_runtime.cuh", "mk_tasks.cuh", "mk_sample.cuh", "mk_pages.cuh")
 
 # Rope cos/sin tables for found head-norm+rope programs: one task per live token b. Angles exactly as
 # mk_head_norm_rope computes them: f32(pos) * inv_freq[i] in f32 (inv_freq: the host's table, llama3

@@ -84,7 +84,8 @@ mk_megakernel(const MkTask* __restrict__ tasks, const int* __restrict__ list_off
 // published), [2] command (0 run, 1 stop), [3] live tokens T, [4] output (0 logits, 1 argmax ids, 2 sampled ids),
 // [16 .. 16+io_n) the step's input block (copied as is over the device io block), and for output 2 (sampled
 // ids) from word smp_off 8 words per row: temperature (f64 lo, hi), top_k, top_p (f64 lo, hi), seed (u64 lo,
-// hi), position of the draw. Output (pinned): out_done (u64, = it once the step's output is complete) and out
+// hi), position of the draw; with in-kernel KV pages, word [5] counts the request slots released since the
+// last step, listed from word kcfg[4]. Output (pinned): out_done (u64, = it once the step's output is complete) and out
 // (f32 [T][V] logits, or i32 [T] ids).
 // sctl (device, zeroed per launch, u64 words): [0] steps whose inputs are on the device, [1] CTAs done with
 // their share of the output (never reset), [2] command, [3] T, [4] output mode.
@@ -127,7 +128,7 @@ mk_megakernel_serve(const MkTask* __restrict__ tasks, const int* __restrict__ li
                     long long spin_limit, int* jit_tickets, const int* ring, int nslots, int slot_ints, int* io,
                     int io_n, unsigned long long* sctl, int final_ev, int final_trig, const void* logits,
                     int logits_f32, int V, int logits_ld, void* out, unsigned long long* out_done,
-                    long long idle_ns, int smp_off) {
+                    long long idle_ns, int smp_off, int* kpages, const int* kcfg) {
   extern __shared__ __align__(16) char smem[];
   __shared__ MkTask s_task;
   __shared__ int s_jit, s_cmd, s_B, s_mode, s_ok;
@@ -154,6 +155,21 @@ mk_megakernel_serve(const MkTask* __restrict__ tasks, const int* __restrict__ li
         for (int i = (n4 << 2) + threadIdx.x; i < io_n; i += MK_NT) io[i] = __ldcv(slot + MK_SERVE_HDR + i);
       }
       __syncthreads();
+      // in-kernel KV pages (kpages != 0; mk_pages.cuh): kcfg = R, P, pages per seq, page size, offsets of the
+      // released slots (ring slot words; their number in header word 5), page table, seq ids, positions (io)
+      if (s_cmd == 0 && kpages != nullptr && threadIdx.x == 0) {
+        int* rel = (int*)smem;
+        const int nrel = min(__ldcv(slot + 5), kcfg[0]);
+        for (int r = 0; r < nrel; ++r) rel[r] = __ldcv(slot + kcfg[4] + r);
+        if (!mk_pages_step(kpages, kcfg[0], kcfg[1], io + kcfg[5], kcfg[2], kcfg[3], rel, nrel, io + kcfg[6],
+                           io + kcfg[7], s_B)) {
+          if (atomicCAS(status, 0, MK_PAGES_EMPTY) == 0) status[2] = 0;
+          *(volatile int*)(status + 1) = 1;
+          s_ok = 0;
+        }
+      }
+      __syncthreads();
+      if (!s_ok) return;
       if (threadIdx.x == 0) {
         sctl[2] = (unsigned long long)s_cmd; sctl[3] = (unsigned long long)s_B; sctl[4] = (unsigned long long)s_mode;
         __threadfence();

@@ -311,6 +311,9 @@ class Megakernel:
             for _ in op.tasks:
                 names[k] = op.name
                 k += 1
+        if st[0] == PAGES_EMPTY_CODE:
+            return ("megakernel: a step needed a KV page and the kernel's pool was empty (error 4; the host "
+                    "admits a request only with pages for its whole life, so this is a bug)")
         lines = [f"megakernel watchdog: error {st[0]} (first timeout on SM {st[2]}); per-SM state:"]
         for sm, d in enumerate(dump):
             if d[7]:
@@ -455,6 +458,7 @@ class StepBackend:
 
 SERVE_HDR = 16  # int32 words of a ring slot's header (MK_SERVE_HDR in mk_kernel.cuh)
 RESIDENT_OUTPUTS = ("logits", "ids", "sample")  # the serving kernel's output modes 0, 1, 2
+PAGES_EMPTY_CODE = 4  # status[0] when in-kernel KV pages ran out (MK_PAGES_EMPTY in mk_pages.cuh)
 IDLE_CODE = 2  # status[0] when the resident kernel saw no step for idle_s (it ends; the next step relaunches)
 
 
@@ -497,7 +501,8 @@ class ResidentBackend(StepBackend):
     """
 
     def __init__(self, module, analysis, weights, graph: str | None = None, spin_limit: int = 20_000_000,
-                 output: str = "logits", nslots: int = 2, idle_s: float = 2.0, timeout_s: float = 120.0):
+                 output: str = "logits", nslots: int = 2, idle_s: float = 2.0, timeout_s: float = 120.0,
+                 kernel_pages: bool = False):
         if output not in RESIDENT_OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(RESIDENT_OUTPUTS)}, not {output!r}")
         super().__init__(module, analysis, weights, graph, spin_limit)
@@ -519,7 +524,11 @@ class ResidentBackend(StepBackend):
         self.final = _final_op(mk.plan)
         self.io_n = self.h_io.size
         self.smp_off = SERVE_HDR + (self.io_n + 3) // 4 * 4  # per-row sampling parameters (output "sample")
-        self.slot_ints = self.smp_off + (8 * self.max_tokens if output == "sample" else 0)
+        self.rel_off = self.smp_off + (8 * self.max_tokens if output == "sample" else 0)  # released slots
+        self.io_copy_n, self.d_kpages, self.d_kcfg = self.io_n, None, None
+        if kernel_pages:
+            self._kernel_pages()
+        self.slot_ints = self.rel_off + (self.page_slots if kernel_pages else 0)
         if output == "sample" and mk.plan.smem_bytes < SAMPLE_SMEM:
             raise DeviceError(f"in-kernel sampling needs {SAMPLE_SMEM} B of shared memory per worker, the "
                               f"plan has {mk.plan.smem_bytes}")
@@ -537,6 +546,38 @@ class ResidentBackend(StepBackend):
         self.launches = 0
         self._st = {"running": False, "it": 0, "ring": ring, "stream": self.stream}
         self._finalizer = weakref.finalize(self, _stop_resident, self._st)
+
+    def _kernel_pages(self) -> None:
+        """The pool of KV pages the kernel allocates and frees itself (codegen/mk_pages.cuh): a fresh pool
+        (pages handed out as 0, 1, 2, ...) and its configuration; the page table is no longer uploaded."""
+        cp = self.mk.cp
+        table = self.io[self.io_names[-1]]
+        base = self.h_io.ctypes.data
+
+        def off(name: str) -> int:
+            return (self.io[name].ctypes.data - base) // 4
+
+        if off(self.io_names[-1]) + table.size != self.io_n:
+            raise DeviceError("the page table must be the last part of the step's input block")
+        R, pps = table.shape
+        cache = self.mk.plan.buffers.get("s:k_cache[0]")
+        if cache is None:
+            raise DeviceError("in-kernel KV pages need a paged KV cache (s:k_cache[0])")
+        P, page_size = int(cache.shape[0]), int(cache.shape[1])
+        kp = np.zeros(1 + R + P, np.int32)
+        kp[0], kp[1 + R :] = P, np.arange(P - 1, -1, -1)
+        self.d_kpages = cp.asarray(kp)
+        cfg = [R, P, pps, page_size, self.rel_off, off(self.io_names[-1]), off(self.io_names[3]),
+               off(self.io_names[2])]
+        self.d_kcfg = cp.asarray(np.array(cfg, np.int32))
+        self.io_copy_n = self.io_n - table.size
+        self.page_slots = R
+
+    @property
+    def allocates_pages(self) -> bool:
+        """True when the kernel allocates the KV pages: ``step`` takes the request slots released since the
+        last step and ignores the page table it is given."""
+        return self.d_kpages is not None
 
     # ------------------------------------------------------------------ kernel lifetime
     @property
@@ -561,11 +602,13 @@ class ResidentBackend(StepBackend):
                     mk.d_tasks, mk.d_off, mk.d_list, mk.d_counters, mk.d_status, mk.d_dump,
                     np.uint64(0), np.int32(0), np.int64(mk.spin_limit), mk.d_jit,
                     np.uint64(ring.ctypes.data), np.int32(ring.shape[0]), np.int32(self.slot_ints),
-                    self.d_io, np.int32(self.io_n), self.d_sctl,
+                    self.d_io, np.int32(self.io_copy_n), self.d_sctl,
                     np.int32(self.final), np.int32(len(p.ops[self.final].tasks)),
                     lg, np.int32(lg.dtype == cp.float32), np.int32(self.V), np.int32(lg.shape[1]),
                     np.uint64(self.h_logits.ctypes.data), np.uint64(self.h_done.ctypes.data),
                     np.int64(int(self.idle_s * 1e9)), np.int32(self.smp_off),
+                    self.d_kpages if self.d_kpages is not None else np.uint64(0),
+                    self.d_kcfg if self.d_kcfg is not None else np.uint64(0),
                 ),
                 shared_mem=p.smem_bytes,
             )
@@ -601,12 +644,16 @@ class ResidentBackend(StepBackend):
         """True when ``step`` takes per-row sampling parameters and returns the drawn ids."""
         return self.output == "sample"
 
-    def step(self, tokens, positions, seq_ids, page_table, sampling=None) -> np.ndarray:
+    def step(self, tokens, positions, seq_ids, page_table, sampling=None, released=()) -> np.ndarray:
         """One step for the T live tokens: logits [T, V] float32; argmax ids [T] with ``output='ids'``; with
         ``output='sample'`` the ids drawn in the kernel with ``sampling`` (per row: temperature, top_k, top_p,
-        seed, position of the draw; None: all greedy)."""
+        seed, position of the draw; None: all greedy). With in-kernel pages, ``released`` lists the request
+        slots whose pages go back to the pool before this step's tokens take theirs."""
         T = self._fill(tokens, positions, seq_ids, page_table)
         params = pack_sampling_rows(sampling or [], T) if self.output == "sample" else None
+        if released and not self.allocates_pages:
+            raise ValueError("released slots are for a backend that allocates the KV pages itself")
+        self._released = [int(r) for r in released]
         for _ in range(2):  # a second try only after an idle end of the kernel
             if self.running and self.stream.done:
                 self._ended()
@@ -628,6 +675,10 @@ class ResidentBackend(StepBackend):
         slot[SERVE_HDR : SERVE_HDR + self.io_n] = self.h_io
         if params is not None:
             slot[self.smp_off : self.smp_off + params.size] = params.reshape(-1)
+        rel = getattr(self, "_released", [])
+        slot[5] = len(rel)
+        if rel:
+            slot[self.rel_off : self.rel_off + len(rel)] = rel
         slot.view(np.uint64)[0] = it  # publish (x86 stores are seen in order)
         done, t0, n = self.h_done, time.perf_counter(), 0
         while done[0] < it:
@@ -642,11 +693,11 @@ class ResidentBackend(StepBackend):
 
 
 def make_step_backend(module, analysis, weights, graph: str | None = None, resident: bool = False,
-                      output: str = "logits") -> StepBackend:
+                      output: str = "logits", kernel_pages: bool = False) -> StepBackend:
     """The engine's GPU step function: one resident launch for all steps (:class:`ResidentBackend`) or one
     launch per step (:class:`StepBackend`)."""
     if resident:
-        return ResidentBackend(module, analysis, weights, graph, output=output)
+        return ResidentBackend(module, analysis, weights, graph, output=output, kernel_pages=kernel_pages)
     return StepBackend(module, analysis, weights, graph)
 
 

@@ -195,3 +195,23 @@ def test_resident_kernel_sampling_equals_host_sampling(ckpt):
             be.close()
     assert outs[1] == outs[0]
     assert outs[0][3] == _cpu(m, prompts[3:])[0]   # the greedy request: the CPU interpreter's tokens
+
+
+def test_kernel_allocated_pages_give_the_cpu_tokens(ckpt):
+    """kernel_pages: the resident kernel takes and frees the KV pages itself (the engine only counts them and
+    names the slots that left): more prompts than slots, so slots and pages are reused, in one launch."""
+    m = load_model(ckpt["dir"], serve=MIXED, device="gpu")
+    prompts = ckpt["prompts"] * 2
+    want = _cpu(m, prompts)
+    be = make_backend(m, "gpu", gpu_backend="resident", kernel_pages=True, kernel_sampling=True)
+    try:
+        assert be.allocates_pages and be.samples_rows
+        e = Engine(be, EngineConfig.from_serve(m.serve))
+        got = [r.output for r in e.generate(prompts, N_NEW, SamplingParams(), stop_ids=())]
+        assert got == want
+        assert be.launches == 1 and e.stats.max_batch >= 3
+        kp = be.d_kpages.get()
+        R = be.page_slots
+        assert kp[0] + kp[1 : 1 + R].sum() == kp.size - 1 - R   # every page free or held by one slot
+    finally:
+        be.close()

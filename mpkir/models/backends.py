@@ -160,6 +160,7 @@ def make_backend(
     gpu_backend: str | None = None,
     greedy_only: bool = False,
     kernel_sampling: bool = False,
+    kernel_pages: bool = False,
 ):
     """The step function for a :class:`~mpkir.models.loader.LoadedModel` on ``cpu`` or ``gpu``.
 
@@ -168,7 +169,9 @@ def make_backend(
     ``greedy_only``: every request will be greedy, so the resident kernel returns each row's argmax id
     instead of the logits (no [T, V] copy back, no host argmax). ``kernel_sampling``: the resident kernel
     draws every request's token itself with the request's parameters (``mk_sample_row``, the ``sample``
-    operator's semantics) and returns ids; opt-in until it is measured on the device."""
+    operator's semantics) and returns ids; ``kernel_pages``: the resident kernel allocates and frees the KV
+    pages itself (``codegen/mk_pages.cuh``; the engine only counts them). Both opt-in until measured on the
+    device."""
     if device == "gpu":
         try:
             from mpkir.runtime import host  # the megakernel runtime (issue 4)
@@ -185,6 +188,7 @@ def make_backend(
             raise error(f"unknown GPU backend '{kind}' (choose from {', '.join(GPU_BACKENDS)})")
         if kind == "resident":
             output = "ids" if greedy_only else ("sample" if kernel_sampling else "logits")
-            return factory(loaded.module, loaded.analysis, loaded.weights, resident=True, output=output)
+            return factory(loaded.module, loaded.analysis, loaded.weights, resident=True, output=output,
+                           kernel_pages=kernel_pages)
         return factory(loaded.module, loaded.analysis, loaded.weights)
     return InterpreterBackend(loaded.module, loaded.analysis, loaded.weights, float_storage=float_storage)

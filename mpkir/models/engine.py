@@ -218,6 +218,7 @@ class Engine:
         self.backend = backend
         self.cfg = cfg
         self.free_pages: list[int] = list(range(cfg.num_pages - 1, -1, -1))  # pop() hands out 0, 1, ...
+        self._released_slots: list[int] = []  # slots freed since the last step (a backend that pages)
         self.slots: list[Request | None] = [None] * cfg.max_requests
         self.waiting: deque[Request] = deque()
         self.stats = EngineStats()
@@ -311,6 +312,7 @@ class Engine:
         r.pages = []
         if r.slot is not None:
             self.slots[r.slot] = None
+            self._released_slots.append(r.slot)
         r.slot = None
         r.t_done = time.perf_counter()
         r.event.set()
@@ -368,6 +370,8 @@ class Engine:
             table[r.slot, : len(r.pages)] = r.pages
         extra = {"sampling": self._row_sampling(plan, len(tokens))} if getattr(
             self.backend, "samples_rows", False) else {}
+        if getattr(self.backend, "allocates_pages", False):  # it picks the pages; the host counts them
+            extra["released"], self._released_slots = self._released_slots, []
         t0 = time.perf_counter()
         out = self.backend.step(
             np.asarray(tokens, np.int32),

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 SHIM = r"""
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -27,6 +28,8 @@ SHIM = r"""
 #define __device__
 #define __forceinline__ inline
 #define __noinline__
+using std::max;
+using std::min;
 struct MkThreadIdx { int x; };
 static thread_local MkThreadIdx threadIdx;
 static std::barrier<>* mk_cta_barrier;
@@ -68,13 +71,20 @@ class TaskStruct(ctypes.Structure):
 
 def compile_body(header: str, body: str, nt: int) -> ctypes.CDLL:
     """``codegen/<header>`` with the shim, ``body`` run by ``mk_cta_run(task*, it, B)`` on ``nt`` threads."""
+    lib = compile_source([header], nt, f"#define BODY {body}\n{RUN}")
+    lib.mk_cta_run.argtypes = [ctypes.POINTER(TaskStruct), ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def compile_source(headers: list[str], nt: int, tail: str) -> ctypes.CDLL:
+    """The shim, ``codegen/<header>`` for each header, then ``tail`` (C++ with ``extern "C"`` entries)."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) for the CPU CTA")
     from mpkir import codegen
 
-    text = (Path(codegen.__file__).parent / header).read_text()
-    src = f"#define MK_NT {nt}\n#define BODY {body}\n{SHIM}\n{text}\n{RUN}"
+    texts = "\n".join((Path(codegen.__file__).parent / h).read_text() for h in headers)
+    src = f"#define MK_NT {nt}\n{SHIM}\n{texts}\n{tail}"
     d = Path(tempfile.gettempdir()) / "mpkir_cta"
     d.mkdir(exist_ok=True)
     so = d / (hashlib.sha256(src.encode()).hexdigest()[:24] + ".so")
@@ -86,8 +96,6 @@ def compile_body(header: str, body: str, nt: int) -> ctypes.CDLL:
         r = subprocess.run(cmd, capture_output=True, text=True)
         cpp.unlink()
         if r.returncode:
-            raise RuntimeError(f"C++ compile of {header} failed:\n{r.stderr[-4000:]}")
+            raise RuntimeError(f"C++ compile of {', '.join(headers)} failed:\n{r.stderr[-4000:]}")
         os.replace(tmp, so)
-    lib = ctypes.CDLL(str(so))
-    lib.mk_cta_run.argtypes = [ctypes.POINTER(TaskStruct), ctypes.c_int, ctypes.c_int]
-    return lib
+    return ctypes.CDLL(str(so))
