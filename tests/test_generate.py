@@ -196,6 +196,9 @@ def test_gpu_backend_choice_reaches_the_runtime(monkeypatch):
     assert make_backend(loaded, "gpu", gpu_backend="resident", greedy_only=True) == "backend"
     make_backend(loaded, "gpu", gpu_backend="resident")
     make_backend(loaded, "gpu", gpu_backend="step", greedy_only=True)
-    assert calls == [{"resident": True, "output": "ids"}, {"resident": True, "output": "logits"}, {}]
+    make_backend(loaded, "gpu", gpu_backend="resident", kernel_sampling=True, kernel_pages=True)
+    res = {"resident": True, "kernel_pages": False}
+    assert calls == [{**res, "output": "ids"}, {**res, "output": "logits"}, {},
+                     {**res, "output": "sample", "kernel_pages": True}]
     with pytest.raises(MpkError, match="unknown GPU backend"):
         make_backend(loaded, "gpu", gpu_backend="nope")
