@@ -118,11 +118,17 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "superopt", help="search fused block programs (Mirage-style), proved equal", description=__doc__
-    )
-    p.add_argument("path", metavar="FILE")
-    p.add_argument("--budget", default="30s", help="search time per subgraph (e.g. 30s)")
+        "superopt", help="search fused block programs (Mirage-style), proved equal",
+        description="Cut FILE's decode graph into subgraphs (norm+linear, silu*mul+down, head norm+rope, "
+                    "decode attention), search block-level programs for each, keep those proved equal "
+                    "(finite-field testing and Z3) and rank them against the hand-written task bodies with "
+                    "the calibrated cost model. Prints one line per subgraph (--report: explored/pruned "
+                    "counts, the chosen program, its proof and the decision). Results are cached on disk "
+                    "by a hash of the subgraph and GPU, so a second run takes about a second. Writes no "
+                    "other file.")
+    p.add_argument("path", metavar="FILE", help=".mpk file")
+    p.add_argument("--budget", default="30s", help="search time per subgraph (e.g. 30s; default 30s)")
     p.add_argument("--report", action="store_true", help="print the full search report")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the search's random choices (default 0)")
     p.add_argument("--cache-dir", default=None, help="default: $MPKIR_CACHE_DIR or ~/.cache/mpkir/superopt")
     p.set_defaults(func=run)
