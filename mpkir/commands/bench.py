@@ -3,6 +3,7 @@
 Per batch size: one launch of ``--steps`` decode steps at ``--ctx`` context (median of 5 launches), the
 floor = (weight + KV bytes) / device-to-device copy bandwidth measured in the same run, and, with
 ``--torch``, the same-shaped model in PyTorch eager and under a CUDA graph (``bench/pytorch_anchor.py``).
+Random bf16 weights and KV cache; every step is greedy (a graph's ``sample`` op is timed as argmax).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def register(sub) -> None:
     p.add_argument("--batch", type=_ints, default=[1, 8], metavar="1,8", help="batch sizes (default: 1,8)")
     p.add_argument("--ctx", type=int, default=1024, help="context length per request (default: 1024)")
     p.add_argument("--steps", type=int, default=64, help="decode steps per launch (default: 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     p.add_argument("--torch", action="store_true", help="also time PyTorch eager and CUDA graph")
     p.add_argument("--json", metavar="OUT.json", help="write the results as JSON")
     p.set_defaults(func=run)
