@@ -125,7 +125,8 @@ def _lead(node, prev_end: int | None, pad: str, out: list[str], cur: CommentCurs
 
 
 def _blank(out: list[str]) -> None:
-    if out and out[-1] and not out[-1].endswith("{"):
+    """One blank line, unless the output is empty, already ends in one, or its last code opens a block."""
+    if out and out[-1] and not out[-1].split(_TRAIL, 1)[0].endswith("{"):
         out.append("")
 
 

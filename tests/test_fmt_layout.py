@@ -59,6 +59,9 @@ CASES = {
         "  %y = add(%x, // first\n   // own line\n    %x) // last\n  return %y\n}\n",
         "dim B <= 4\n\nconst h = 8\n\ngraph g(%x: f32[B, h]) -> (f32[B, h]) {\n  // first\n  // own line\n"
         "  %y = add(%x, %x)  // last\n  return %y\n}\n"),
+    "no blank line right after a block's opening line, with or without its trailing comment": (
+        "serve { // c\n\n  max_tokens = 8\n}\nserve {\n\n  mode = decode\n}\n",
+        "serve {  // c\n  max_tokens = 8\n}\n\nserve {\n  mode = decode\n}\n"),
     "serve items, a header, a closing brace and the end of the block keep theirs": (
         "serve { // the config\n  max_tokens = 8 // tokens\n  // left inside\n} // done\n",
         "serve {           // the config\n  max_tokens = 8  // tokens\n  // left inside\n}  // done\n"),
