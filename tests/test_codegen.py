@@ -210,6 +210,7 @@ def test_a_sampling_graph_lowers_to_sample_tasks_that_nvcc_compiles(tmp_path):
     import struct
 
     from mpkir.codegen.lower import SAMPLE_SMEM
+    from mpkir.testing.plans import simulate_plan, unordered_reads
 
     m = parse((EXAMPLES / "llama3_2_1b.mpk").read_text(), "llama3_2_1b.mpk")
     p = lower(m, greedy=False, batch=3)
@@ -225,6 +226,14 @@ def test_a_sampling_graph_lowers_to_sample_tasks_that_nvcc_compiles(tmp_path):
     kinds = {p.ops[d].kind for d, lag in final.deps if lag == 0}
     assert {"linear", "embedding"} <= kinds
     assert p.smem_bytes >= SAMPLE_SMEM
+    # the sample tasks read the logits and positions of their own step, and the protocol runs every task
+    # once per step without a deadlock (the next step's embedding waits for the sampled tokens)
+    assert unordered_reads(p) == []
+    consumed = {d for o in p.ops for d, lag in o.deps if lag == 0}
+    assert [i for i in range(len(p.ops)) if i not in consumed] == [len(p.ops) - 1]
+    emb = next(o for o in p.ops if o.kind == "embedding")
+    assert (len(p.ops) - 1, 1) in emb.deps
+    assert simulate_plan(p, steps=3) == 3 * p.num_tasks
     # greedy lowering of the same graph still ends in the two-stage argmax
     assert lower(m, greedy=True, batch=3).ops[-1].kind == "argmax"
     if NVCC is not None:

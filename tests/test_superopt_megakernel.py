@@ -26,6 +26,7 @@ from mpkir.codegen.superopt_tasks import (
 )
 from mpkir.parser import parse, parse_file
 from mpkir.testing.nvcc import NVCC, nvcc_sm90a
+from mpkir.testing.plans import op_index, simulate_plan, unordered_reads
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -155,82 +156,6 @@ def test_switch_is_off_unless_asked(monkeypatch):
 
 
 # ------------------------------------------------------------------ events
-def _op_of(plan):
-    return {o.first_task + j: i for i, o in enumerate(plan.ops) for j in range(len(o.tasks))}
-
-
-def _simulate(plan, steps=2):
-    """The kernel's protocol (mk_kernel.cuh): each SM walks its list once per step; a task waits until
-    counter[d] >= len(tasks(d)) * (step - lag) for each dep, then signals its op; JIT slots claim tickets.
-    SMs run ahead into later steps. Returns the tasks run; raises on deadlock."""
-    op_of = _op_of(plan)
-    n = [len(o.tasks) for o in plan.ops]
-    cnt = [0] * len(plan.ops)
-    tickets = [0] * len(plan.ops)
-    state = [[1, 0] for _ in plan.lists]
-    ran = 0
-
-    def ready(op, it):
-        return all(cnt[d] >= n[d] * (it - lag) for d, lag in plan.ops[op].deps if it - lag > 0)
-
-    while True:
-        progress = False
-        for sm, lst in enumerate(plan.lists):
-            st = state[sm]
-            while st[0] <= steps:
-                if st[1] == len(lst):
-                    st[0], st[1] = st[0] + 1, 0
-                    continue
-                x = lst[st[1]]
-                if x >= 0:
-                    if not ready(op_of[x], st[0]):
-                        break
-                    cnt[op_of[x]] += 1
-                    st[1] += 1
-                else:
-                    op = -x - 1
-                    if tickets[op] >= n[op] * st[0]:
-                        st[1] += 1
-                        continue
-                    if not ready(op, st[0]):
-                        break
-                    tickets[op] += 1
-                    cnt[op] += 1
-                ran += 1
-                progress = True
-        if all(st[0] > steps for st in state):
-            return ran
-        if not progress:
-            raise AssertionError(f"deadlock: SM states {state[:4]}...")
-
-
-def _ancestors(plan):
-    anc = []
-    for o in plan.ops:
-        a = 0
-        for d, lag in o.deps:
-            if lag == 0:
-                a |= anc[d] | (1 << d)
-        anc.append(a)
-    return anc
-
-
-def _unordered_reads(plan):
-    """(op, buffer, first writer) where an op references a buffer after its first writer without waiting on it
-    (directly or transitively) in the same step."""
-    anc = _ancestors(plan)
-    first, bad = {}, []
-    for i, o in enumerate(plan.ops):
-        for t in o.tasks:
-            for b, _ in t.p.values():
-                kind = plan.buffers[b].kind if b in plan.buffers else "?"
-                if kind in ("act", "scratch", "state") or b == "in:positions":
-                    w = first.setdefault(b, i)
-                    if w != i and not anc[i] >> w & 1:
-                        bad.append((o.name, b, plan.ops[w].name))
-    return bad
-
-
 def test_the_event_checks_catch_a_missing_wait():
     import dataclasses
 
@@ -239,7 +164,7 @@ def test_the_event_checks_catch_a_missing_wait():
     i = next(j for j, o in enumerate(ops) if o.name == "q_rot.0.so")  # (later layers wait on it transitively)
     ops[i].deps = [(d, lag) for d, lag in ops[i].deps if ops[d].kind != "so_rope_table"]
     broken = dataclasses.replace(p, ops=ops)
-    assert {(a, b.split(":")[1], c) for a, b, c in _unordered_reads(broken)} == {
+    assert {(a, b.split(":")[1], c) for a, b, c in unordered_reads(broken)} == {
         ("q_rot.0.so", "cos", ops[1].name),
         ("q_rot.0.so", "sin", ops[1].name),
     }
@@ -262,7 +187,7 @@ def test_logits_graph_of_the_engine():
 def test_events_consistent(name, batch, force):
     base, p = _plans(name, batch, force)
     for plan in (base, p):
-        op_of = _op_of(plan)
+        op_of = op_index(plan)
         seen = [t for lst in plan.lists for t in lst if t >= 0]
         assert len(seen) == len(set(seen)) == sum(len(o.tasks) for o in plan.ops if not o.jit)
         for lst in plan.lists:
@@ -271,11 +196,11 @@ def test_events_consistent(name, batch, force):
         for i, o in enumerate(plan.ops):
             assert len(o.deps) <= 4 and len(set(o.deps)) == len(o.deps)
             assert all(lag == 1 or d < i for d, lag in o.deps)
-        assert _unordered_reads(plan) == []
+        assert unordered_reads(plan) == []
         consumed = {d for o in plan.ops for d, lag in o.deps if lag == 0}
         assert len([i for i in range(len(plan.ops)) if i not in consumed]) == 1  # one final op (a sink)
         # each step runs every task exactly once, with no deadlock
-        assert _simulate(plan, steps=2) == 2 * plan.num_tasks
+        assert simulate_plan(plan, steps=2) == 2 * plan.num_tasks
     emb = next(o for o in p.ops if o.kind == "embedding")
     assert [(p.ops[d].name, lag) for d, lag in emb.deps] == [
         (base.ops[d].name, lag) for d, lag in next(o for o in base.ops if o.kind == "embedding").deps
