@@ -20,3 +20,5 @@ for m in qwen3_0_6b llama3_2_1b; do
   python bench/superopt_megakernel_check.py --force decode_attention --models $m \
     --out "$OUT/superopt_mk_attn_$m.json" 2>&1 | tail -6
 done
+# 3. sampled generation throughput: host sampling vs in-kernel sampling vs in-kernel sampling + KV pages
+python bench/engine_bench.py "$OUT/engine_sampled.json" llama3_2_1b 1,8 --sampled 2>&1 | tail -4

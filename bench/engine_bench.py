@@ -16,6 +16,11 @@ code) measured in the same run. Random bf16 weights and KV cache, 1024-token con
 compares, in one run, the per-step-launch backend with the resident one (``ResidentBackend``: one launch
 serves every step; logits, and argmax ids only): wall ms per step of the same decode loop, and the engine
 end to end (tokens/s, launches).
+
+    python bench/engine_bench.py OUT.json llama3_2_1b 1,8 --sampled
+
+sampled requests on the resident backend: host sampling from the logits vs in-kernel sampling vs in-kernel
+sampling with in-kernel KV pages (engine tokens/s, same tokens as host sampling).
 """
 
 from __future__ import annotations
@@ -122,13 +127,13 @@ def _decode_loop(be, B, V, pps, ids: bool) -> float:
     return float(np.median(walls))
 
 
-def _engine(be, B, V, env) -> dict:
+def _engine(be, B, V, env, sampling=None) -> dict:
     cfg = EngineConfig(max_requests=B, max_tokens=B, page_size=int(env.consts["page_size"]),
                        num_pages=int(env.consts["num_pages"]), max_seq_len=int(env.consts["max_seq_len"]))
     e = Engine(be, cfg)
     prompts = [list(map(int, np.random.default_rng(i).integers(0, V, 32))) for i in range(B)]
     t = time.perf_counter()
-    reqs = e.generate(prompts, 64, SamplingParams(), stop_ids=())
+    reqs = e.generate(prompts, 64, sampling or SamplingParams(), stop_ids=())
     wall = time.perf_counter() - t
     gen = sum(len(q.output) for q in reqs)
     return {"tokens_per_s": gen / wall, "ms_per_step": wall / e.stats.steps * 1e3, "steps": e.stats.steps,
@@ -164,6 +169,31 @@ def bench_resident(name, B, r):
         r[f"{k}_tokens_per_s"] = B / (r[f"{k}_wall_ms"] * 1e-3)
 
 
+def bench_sampled(name, B, r):
+    """Sampled requests (temperature 0.8, top-p 0.9, a seed each) on the resident kernel: the host samples
+    from the logits; the kernel samples itself (output "sample"); and also allocates the KV pages itself
+    (kernel_pages). Engine tokens/s and whether each gives the host-sampling tokens."""
+    m, an, env = sized(name, B)
+    V = int(env.consts["vocab"])
+    samp = [SamplingParams(0.8, top_p=0.9, seed=i) for i in range(B)]
+    ref = None
+    for label, kw in (("host", {"output": "logits"}), ("kernel", {"output": "sample"}),
+                      ("kernel_pages", {"output": "sample", "kernel_pages": True})):
+        rb = ResidentBackend(m, an, None, **kw)
+        try:
+            eng = _engine(rb, B, V, env, samp)
+            r[f"sampled_{label}_engine_tokens_per_s"] = eng["tokens_per_s"]
+            r[f"sampled_{label}_engine_ms_per_step"] = eng["ms_per_step"]
+            r[f"sampled_{label}_launches"] = rb.launches
+            if ref is None:
+                ref = eng["outputs"]
+            r[f"sampled_{label}_same_tokens_as_host"] = eng["outputs"] == ref
+        finally:
+            rb.close()
+        del rb
+        free()
+
+
 def bench_torch(name, B, r):
     c = anchor.CONFIGS[ANCH[name]]
     W = anchor.build(c, CTX, B)
@@ -191,11 +221,13 @@ def bench_torch(name, B, r):
 def main():
     out, models, batches = sys.argv[1], sys.argv[2].split(","), [int(x) for x in sys.argv[3].split(",")]
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    resident = "--resident" in sys.argv[4:]
+    resident, sampled = "--resident" in sys.argv[4:], "--sampled" in sys.argv[4:]
     for name in models:
         for B in batches:
             r = res.setdefault(f"{name}/b{B}", {})
-            if resident:
+            if sampled:
+                bench_sampled(name, B, r)
+            elif resident:
                 bench_resident(name, B, r)
             else:
                 bench_step_backend(name, B, r)
