@@ -518,6 +518,7 @@ __device__ void mk_attention_merge(const MkTask& t, int it, int B, char* smem) {
 // K block a thread loads 16 bytes of row g and of row g+8 (g = lane/4) and 16 bytes of token g's x from shared
 // memory; two mma.m16n8k16 (bf16 in, f32 accumulate) consume them (K is permuted identically for W and x,
 // so the dot products are unchanged). The 8 mma columns are 8 tokens: batch 1..8 costs the same.
+#ifndef MK_CPU_EMULATION  // (mpkir/testing/cta.py emulates the warp's mma on the CPU)
 __device__ __forceinline__ void mk_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                             unsigned b0, unsigned b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -525,6 +526,7 @@ __device__ __forceinline__ void mk_mma_bf16(float* c, unsigned a0, unsigned a1, 
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+#endif
 
 template <int U, int NG>
 __device__ void mk_linear_mma(const MkTask& t, int it, int B, char* smem) {

@@ -1,7 +1,7 @@
 """Run a megakernel task body on the CPU: its CUDA text compiled as C++20, one CTA of ``nt`` real threads.
 
 For bodies written with block-wide steps only (``threadIdx.x``, ``__syncthreads``, shared-memory atomics,
-``__ldcg``, bit casts, double ``exp``/``log``; no warp intrinsics): ``__syncthreads`` is a ``std::barrier``
+``__ldcg``, bit casts, double ``exp``/``log``; no warp intrinsics): ``__syncthreads`` is a barrier
 of the ``nt`` threads, ``atomicAdd`` an atomic read-modify-write, so races between threads of the CTA are
 real. ``MkTask`` has the device layout; ``mk_block_wait`` returns true (the test has no events).
 """
@@ -32,7 +32,23 @@ using std::max;
 using std::min;
 struct MkThreadIdx { int x; };
 static thread_local MkThreadIdx threadIdx;
-static std::barrier<>* mk_cta_barrier;
+// A sense-reversing barrier that yields while it waits (far cheaper than a futex barrier for the many short
+// waits of emulated warps and blocks).
+struct MkBarrier {
+  explicit MkBarrier(int n) : n(n) {}
+  void arrive_and_wait() {
+    const int s = sense.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count.store(0, std::memory_order_relaxed);
+      sense.store(s ^ 1, std::memory_order_release);
+    } else {
+      while (sense.load(std::memory_order_acquire) == s) std::this_thread::yield();
+    }
+  }
+  const int n;
+  std::atomic<int> count{0}, sense{0};
+};
+static MkBarrier* mk_cta_barrier;
 #define __syncthreads() mk_cta_barrier->arrive_and_wait()
 template <class T> static inline T __ldcg(const T* p) { return *(const volatile T*)p; }
 static inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
@@ -49,7 +65,7 @@ static inline bool mk_block_wait(const MkTask&) { return true; }
 RUN = r"""
 extern "C" void mk_cta_run(const MkTask* t, int it, int B) {
   std::vector<char> smem(1 << 20);
-  std::barrier<> bar(MK_NT);
+  MkBarrier bar(MK_NT);
   mk_cta_barrier = &bar;
   std::vector<std::thread> threads;
   for (int i = 0; i < MK_NT; ++i)
@@ -76,15 +92,16 @@ def compile_body(header: str, body: str, nt: int) -> ctypes.CDLL:
     return lib
 
 
-def compile_source(headers: list[str], nt: int, tail: str) -> ctypes.CDLL:
-    """The shim, ``codegen/<header>`` for each header, then ``tail`` (C++ with ``extern "C"`` entries)."""
+def compile_source(headers: list[str], nt: int, tail: str, prelude: str = "") -> ctypes.CDLL:
+    """The shim (and ``prelude``), ``codegen/<header>`` for each header, then ``tail`` (C++ with
+    ``extern "C"`` entries)."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) for the CPU CTA")
     from mpkir import codegen
 
     texts = "\n".join((Path(codegen.__file__).parent / h).read_text() for h in headers)
-    src = f"#define MK_NT {nt}\n{SHIM}\n{texts}\n{tail}"
+    src = f"#define MK_NT {nt}\n{SHIM}\n{prelude}\n{texts}\n{tail}"
     d = Path(tempfile.gettempdir()) / "mpkir_cta"
     d.mkdir(exist_ok=True)
     so = d / (hashlib.sha256(src.encode()).hexdigest()[:24] + ".so")
@@ -99,3 +116,141 @@ def compile_source(headers: list[str], nt: int, tail: str) -> ctypes.CDLL:
             raise RuntimeError(f"C++ compile of {', '.join(headers)} failed:\n{r.stderr[-4000:]}")
         os.replace(tmp, so)
     return ctypes.CDLL(str(so))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The megakernel's task bodies (codegen/mk_tasks.cuh, mk_sample.cuh) on the CPU: the device runtime's helpers
+# (mk_runtime.cuh) replaced by plain C++, warps emulated (shuffles and __syncwarp through a per-warp barrier,
+# the tensor-core mma through the warp's fragments gathered in memory), events ignored (the caller runs the
+# tasks in an order that respects them).
+TASK_SHIM = r"""
+#define MK_CPU_EMULATION 1
+#define __align__(n) alignas(n)
+#include <math.h>
+#include <memory>
+#define MK_NWARP (MK_NT / 32)
+#define MK_TILE_B 8
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
+struct __nv_bfloat16 { unsigned short x; };
+static inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+static inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{0x7fc0};
+  return __nv_bfloat16{(unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+static inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float((unsigned)b.x << 16); }
+#define __expf(x) expf(x)  // (glibc declares its own __expf)
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+template <class T> static inline T __ldg(const T* p) { return *p; }
+#define MK_NEG_INF (__int_as_float(0xff800000))
+
+struct MkCpuCta {
+  std::unique_ptr<MkBarrier> warp[MK_NWARP];
+  alignas(16) unsigned char xch[MK_NT][8];
+  unsigned frag[MK_NT][6];
+};
+static MkCpuCta* mk_cpu_cta;
+static inline void __syncwarp(unsigned = 0xffffffffu) {
+  mk_cpu_cta->warp[threadIdx.x / 32]->arrive_and_wait();
+}
+template <class T> static inline T __shfl_xor_sync(unsigned, T v, int off) {
+  const int t = threadIdx.x;
+  std::memcpy(mk_cpu_cta->xch[t], &v, sizeof(T));
+  __syncwarp();
+  T r;
+  std::memcpy(&r, mk_cpu_cta->xch[(t & ~31) | ((t & 31) ^ off)], sizeof(T));
+  __syncwarp();
+  return r;
+}
+// mma.sync.m16n8k16.row.col f32 += bf16 x bf16 of the warp: a0 (row g, k 2q..2q+1), a1 (row g+8), a2 (row g,
+// k 2q+8..), a3 (row g+8, k 2q+8..); b0 (k 2q..2q+1, col g), b1 (k 2q+8..); c0,c1 (row g, cols 2q, 2q+1),
+// c2,c3 (row g+8); g = lane / 4, q = lane % 4. The 16 products are summed in float64, then added in float32.
+static inline void mk_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                               unsigned b1) {
+  const int t = threadIdx.x, w0 = t & ~31;
+  unsigned* f = mk_cpu_cta->frag[t];
+  f[0] = a0; f[1] = a1; f[2] = a2; f[3] = a3; f[4] = b0; f[5] = b1;
+  __syncwarp();
+  float A[16][16], Bm[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const unsigned* h = mk_cpu_cta->frag[w0 + l];
+    const int g = l / 4, q = l % 4;
+    for (int e = 0; e < 2; ++e) {
+      const int sh = 16 * e;
+      A[g][2 * q + e] = __uint_as_float(((h[0] >> sh) & 0xffffu) << 16);
+      A[g + 8][2 * q + e] = __uint_as_float(((h[1] >> sh) & 0xffffu) << 16);
+      A[g][2 * q + 8 + e] = __uint_as_float(((h[2] >> sh) & 0xffffu) << 16);
+      A[g + 8][2 * q + 8 + e] = __uint_as_float(((h[3] >> sh) & 0xffffu) << 16);
+      Bm[2 * q + e][g] = __uint_as_float(((h[4] >> sh) & 0xffffu) << 16);
+      Bm[2 * q + 8 + e][g] = __uint_as_float(((h[5] >> sh) & 0xffffu) << 16);
+    }
+  }
+  __syncwarp();
+  const int l = t & 31, g = l / 4, q = l % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >> 1) * 8, col = 2 * q + (e & 1);
+    double s = 0.0;
+    for (int k = 0; k < 16; ++k) s += (double)A[row][k] * (double)Bm[k][col];
+    c[e] += (float)s;
+  }
+}
+
+// mk_runtime.cuh's helpers
+static inline void mk_prefetch_l2(const void*, unsigned) {}
+static inline uint4 mk_ld_weight(const void* p) { uint4 r; std::memcpy(&r, p, 16); return r; }
+static inline uint4 mk_ld_act16(const void* p) { uint4 r; std::memcpy(&r, p, 16); return r; }
+static inline float mk_ld_bf16(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+static inline int mk_ld_i32(const int* p) { return *p; }
+static inline float mk_bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+static inline void mk_unpack8(uint4 v, float* f) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+static inline float mk_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+static inline float mk_af(const MkTask& t, int i) { return __int_as_float(t.a[i]); }
+"""
+
+RUN_TASKS = r"""
+extern "C" void mk_cpu_run_tasks(const MkTask* tasks, int n, int it, int B, int smem_bytes) {
+  std::vector<char> buf((size_t)smem_bytes + 64);
+  char* smem = (char*)(((uintptr_t)buf.data() + 15) & ~(uintptr_t)15);
+  MkCpuCta cta;
+  for (int w = 0; w < MK_NWARP; ++w) cta.warp[w] = std::make_unique<MkBarrier>(32);
+  mk_cpu_cta = &cta;
+  MkBarrier bar(MK_NT);
+  mk_cta_barrier = &bar;
+  std::vector<std::thread> threads;
+  for (int i = 0; i < MK_NT; ++i)
+    threads.emplace_back([&, i] {
+      threadIdx.x = i;
+      for (int k = 0; k < n; ++k) {
+        mk_cpu_dispatch(tasks[k], it, B, smem);
+        bar.arrive_and_wait();
+      }
+    });
+  for (auto& th : threads) th.join();
+}
+"""
+
+
+def compile_tasks(variants, nt: int = 512) -> ctypes.CDLL:
+    """The task bodies of ``codegen/mk_tasks.cuh`` and ``mk_sample.cuh`` for the plan's ``variants`` (in
+    ``Plan.variants`` order: ``a[0]`` indexes them), run by ``mk_cpu_run_tasks(tasks, n, it, B, smem)``: the
+    ``n`` tasks one after the other, each by one emulated CTA of ``nt`` threads (a multiple of 32)."""
+    if nt % 32:
+        raise ValueError(f"a CTA of {nt} threads is not whole warps")
+    cases = "\n".join(f"    case {i}: {v}(t, it, B, smem); break;" for i, v in enumerate(variants))
+    dispatch = ("static void mk_cpu_dispatch(const MkTask& t, int it, int B, char* smem) {\n"
+                f"  switch (t.a[0]) {{\n{cases}\n    default: break;\n  }}\n}}\n")
+    lib = compile_source(["mk_tasks.cuh", "mk_sample.cuh"], nt, dispatch + RUN_TASKS, prelude=TASK_SHIM)
+    lib.mk_cpu_run_tasks.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return lib

@@ -1,0 +1,92 @@
+"""A lowered GPU plan (``codegen.lower.Plan``) run on the CPU with the megakernel's own task bodies.
+
+The task table is packed exactly as ``runtime.host.Megakernel`` packs it (pointers into NumPy buffers instead
+of device buffers), and each step runs every task in op order (ops are topologically ordered, so every
+event a task would wait on has fired) through :func:`mpkir.testing.cta.compile_tasks`: one emulated CTA of
+real threads per task. What it checks without a GPU: the lowering's pointers, offsets and parameters, the
+task bodies' indexing and numerics, and multi-step state (positions, token history, the paged KV cache).
+What it does not: the device's memory model, the worker loop and the event protocol (see
+``mpkir.testing.plans`` for the protocol).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from mpkir.runtime.host import TASK_DTYPE, bf16_bits
+from mpkir.testing.cta import compile_tasks
+
+_NUMPY = {"bf16": np.uint16, "f32": np.float32, "i32": np.int32}
+
+
+class CpuMegakernel:
+    def __init__(self, plan, nt: int = 512):
+        self.plan, self.nt = plan, nt
+        self.bufs: dict[str, np.ndarray] = {}
+        for name, b in plan.buffers.items():
+            a = np.zeros(b.shape, _NUMPY[b.dtype])
+            if b.kind == "const":
+                a[...] = np.asarray(b.data).reshape(b.shape).astype(a.dtype)
+            self.bufs[name] = a
+        self.lib = compile_tasks(plan.variants, nt)
+
+    def load_weights(self, weights) -> None:
+        """Every weight buffer from ``weights`` (keyed by checkpoint name), as bf16."""
+        for name, b in self.plan.buffers.items():
+            if b.kind == "weight":
+                self.bufs[name][...] = bf16_bits(weights[b.checkpoint]).reshape(b.shape)
+
+    def set_inputs(self, tokens, positions, seq_ids=None, page_table=None) -> int:
+        """One run's inputs, as ``Megakernel.set_inputs``; returns the live token count."""
+        p, ins = self.plan, self.plan.inputs
+        B = len(tokens)
+        tok = np.zeros(p.max_tokens, np.int32)
+        tok[:B] = tokens
+        pos = np.zeros(p.max_tokens, np.int32)
+        pos[:B] = positions
+        self.bufs[ins["tokens"]][...] = tok
+        self.bufs["in:positions0"][...] = pos
+        self.bufs[ins["positions"]][...] = pos
+        sid = np.full(p.max_tokens, -1, np.int32)
+        sid[:B] = np.arange(B) if seq_ids is None else seq_ids
+        self.bufs[ins["seq_ids"]][...] = sid
+        pt = self.bufs[ins["page_table"]]
+        R, pps = pt.shape
+        pt[...] = np.arange(R * pps, dtype=np.int32).reshape(R, pps) if page_table is None else page_table
+        return B
+
+    def poison(self) -> None:
+        """NaN (bf16/f32) or -1 (i32) in every activation and scratch buffer, as ``Megakernel.poison``."""
+        for name, b in self.plan.buffers.items():
+            if b.kind in ("act", "scratch"):
+                a = self.bufs[name]
+                a[...] = {np.uint16: 0x7FC0, np.float32: np.nan, np.int32: -1}[a.dtype.type]
+
+    def _table(self) -> np.ndarray:
+        var = {v: i for i, v in enumerate(self.plan.variants)}
+        tab = np.zeros(self.plan.num_tasks, dtype=TASK_DTYPE)
+        k = 0
+        for oi, op in enumerate(self.plan.ops):
+            for t in op.tasks:
+                for i, (bn, off) in t.p.items():
+                    tab[k]["p"][i] = self.bufs[bn].ctypes.data + off
+                for i, v in t.a.items():
+                    tab[k]["a"][i] = v
+                tab[k]["a"][0], tab[k]["a"][1] = var[t.variant], oi
+                k += 1
+        return tab
+
+    def run(self, steps: int, live: int | None = None) -> None:
+        """``steps`` decode steps over ``live`` tokens (default: the plan's batch), as one launch would."""
+        B = self.plan.batch if live is None else live
+        self.bufs["hist"] = np.full((steps, self.plan.max_tokens), -1, np.int32)
+        tab = self._table()
+        ptr = tab.ctypes.data_as(ctypes.c_void_p)
+        for it in range(1, steps + 1):
+            self.lib.mk_cpu_run_tasks(ptr, len(tab), it, B, self.plan.smem_bytes)
+
+    def tokens(self) -> np.ndarray:
+        """The token history [steps, batch] (as ``Megakernel.tokens``)."""
+        return self.bufs["hist"][:, : self.plan.batch].copy()

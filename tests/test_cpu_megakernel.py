@@ -1,0 +1,139 @@
+"""The GPU plan of tiny random Llama / Qwen3 checkpoints run on the CPU with the megakernel's own task bodies
+(mpkir.testing.cpu_kernel: the CUDA text compiled as C++, one emulated CTA per task, warps and tensor-core
+mma emulated): the lowering's pointers and parameters and the bodies' numerics, checked against the
+reference interpreter without a GPU. The mixed step runs CTAs of 512 threads, as on the device; the
+multi-step runs use 128 (the bodies are written for any MK_NT; 512 threads cost seconds per step here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpkir.codegen.lower import lower
+from mpkir.models.backends import InterpreterBackend, logits_module
+from mpkir.models.loader import load_model
+from mpkir.testing.cta import compiler
+from mpkir.testing.tiny_models import write_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler")
+SERVE = {"max_requests": 4, "max_tokens": 8, "max_seq_len": 128, "page_size": 16}
+TABLE = np.arange(4 * 8, dtype=np.int32).reshape(4, 8)
+
+
+FEW_THREADS = 128
+
+
+def _tiny(kind, tmp_path_factory):
+    ck = write_tiny_checkpoint(tmp_path_factory.mktemp("cpu_mk_" + kind), kind, seed=5)
+    return ck, load_model(ck["dir"], serve=SERVE)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def tiny(request, tmp_path_factory):
+    return _tiny(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return _tiny("llama", tmp_path_factory)
+
+
+def _f(a: np.ndarray) -> np.ndarray:
+    return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a.astype(np.float32)
+
+
+def test_a_mixed_step_gives_the_interpreters_logits(tiny):
+    """Prefill of 5 tokens of request 0 and the first token of request 1, two padding rows, buffers poisoned:
+    the tensor-core linears, head norm + rope, the k/v append to the paged cache and paged attention."""
+    from mpkir.testing.cpu_kernel import CpuMegakernel
+
+    ck, m = tiny
+    m2, _ = logits_module(m.module, m.analysis)
+    plan = lower(m2, num_sms=8, greedy=True, batch=None)
+    assert any(v.startswith("mk_linear_mma") for v in plan.variants)
+    cpu = CpuMegakernel(plan)
+    cpu.load_weights(m.weights)
+    toks = [*ck["prompts"][0][:5], ck["prompts"][1][0]]
+    pos, sid = [0, 1, 2, 3, 4, 0], [0, 0, 0, 0, 0, 1]
+    T = cpu.set_inputs(toks, pos, sid, TABLE)
+    cpu.poison()
+    cpu.run(1, live=T)
+    got = _f(cpu.bufs[plan.logits][:T]).astype(np.float64)
+    ref = np.asarray(InterpreterBackend(m.module, m.analysis, m.weights).step(
+        np.array(toks, np.int32), np.array(pos, np.int32), np.array(sid, np.int32), TABLE), np.float64)
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def _greedy_tokens(m, tok, pos, steps):
+    """The interpreter's greedy tokens for two requests, one step at a time."""
+    ref = InterpreterBackend(m.module, m.analysis, m.weights)
+    want = []
+    for _ in range(steps):
+        lg = ref.step(np.array(tok, np.int32), np.array(pos, np.int32), np.arange(len(tok), dtype=np.int32),
+                      TABLE)
+        tok = [int(x) for x in np.argmax(lg, -1)]
+        pos = [p + 1 for p in pos]
+        want.append(tok)
+    return want
+
+
+def test_greedy_steps_in_one_run_give_the_interpreters_tokens(tiny):
+    """The argmax graph at batch 3 (tensor-core linears, the argmax split over the lm_head tiles and merged):
+    4 steps in one run, each step's embedding reading the previous step's tokens, positions advancing."""
+    from mpkir.testing.cpu_kernel import CpuMegakernel
+
+    ck, m = tiny
+    plan = lower(m.module, num_sms=8, greedy=True, batch=3)
+    assert plan.ops[-1].kind == "argmax" and any(v.startswith("mk_linear_mma") for v in plan.variants)
+    cpu = CpuMegakernel(plan, nt=FEW_THREADS)
+    cpu.load_weights(m.weights)
+    tok, pos = [ck["prompts"][0][0], ck["prompts"][2][0], ck["prompts"][3][1]], [0, 0, 0]
+    cpu.set_inputs(tok, pos, [0, 1, 2], TABLE)
+    cpu.run(4)
+    assert cpu.tokens().tolist() == _greedy_tokens(m, tok, pos, 4)
+
+
+def test_cuda_core_linears_of_a_small_batch(tiny_llama):
+    """Batch 2 takes the CUDA-core GEMV (mk_linear<U>, warp-shuffle sums; slow to emulate: one step)."""
+    from mpkir.testing.cpu_kernel import CpuMegakernel
+
+    ck, m = tiny_llama
+    plan = lower(m.module, num_sms=8, greedy=True, batch=2)
+    assert any(v.startswith("mk_linear<") for v in plan.variants)
+    assert not any(v.startswith("mk_linear_mma") for v in plan.variants)
+    cpu = CpuMegakernel(plan, nt=64)
+    cpu.load_weights(m.weights)
+    tok, pos = [ck["prompts"][1][0], ck["prompts"][2][0]], [0, 0]
+    cpu.set_inputs(tok, pos, [0, 1], TABLE)
+    cpu.run(1)
+    assert cpu.tokens().tolist() == _greedy_tokens(m, tok, pos, 1)
+
+
+def test_sampling_steps_in_one_run_draw_the_operators_tokens(tiny_llama):
+    """The graph's own sample op (the Llama file: temperature 0.6, top-p 0.9) as mk_sample tasks over 3 steps:
+    the tokens the interpreter's sample op draws from its logits at the same positions."""
+    from mpkir.interpreter import init_state, run_graph
+    from mpkir.testing.cpu_kernel import CpuMegakernel
+
+    ck, m = tiny_llama
+    plan = lower(m.module, num_sms=8, greedy=False, batch=3)
+    assert plan.ops[-1].kind == "sample"
+    cpu = CpuMegakernel(plan, nt=FEW_THREADS)
+    cpu.load_weights(m.weights)
+    tok, pos, sid = [ck["prompts"][1][0], ck["prompts"][3][0], ck["prompts"][0][2]], [0, 0, 0], [0, 1, 2]
+    cpu.set_inputs(tok, pos, sid, TABLE)
+    cpu.run(3)
+    state = init_state(m.module, m.analysis)
+    want = []
+    for _ in range(3):
+        (out,) = run_graph(m.module, {"tokens": np.array(tok, np.int32), "positions": np.array(pos, np.int32),
+                                      "seq_ids": np.array(sid, np.int32), "page_table": TABLE[:, :]},
+                           m.weights, state, analysis=m.analysis)
+        tok = [int(x) for x in out]
+        pos = [p + 1 for p in pos]
+        want.append(tok)
+    assert cpu.tokens().tolist() == want
+    first = [ck["prompts"][1][0], ck["prompts"][3][0], ck["prompts"][0][2]]
+    assert want != _greedy_tokens(m, first, [0, 0, 0], 3)   # the draws are not the argmax
