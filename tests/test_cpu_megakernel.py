@@ -6,6 +6,8 @@ multi-step runs use 128 (the bodies are written for any MK_NT; 512 threads cost 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -137,3 +139,44 @@ def test_sampling_steps_in_one_run_draw_the_operators_tokens(tiny_llama):
     assert cpu.tokens().tolist() == want
     first = [ck["prompts"][1][0], ck["prompts"][3][0], ck["prompts"][0][2]]
     assert want != _greedy_tokens(m, first, [0, 0, 0], 3)   # the draws are not the argmax
+
+
+def test_found_paged_attention_forced_into_a_real_plan(tmp_path):
+    """Qwen3-0.6B cut to one layer (the found programs match its real sizes): the search's split-KV attention
+    over the paged cache, forced into the plan in place of mk_attention, run with a prefill chunk at
+    positions 30..37 (masked tails, empty splits): its output and the logits are the interpreter's."""
+    from mpkir.codegen.superopt_tasks import apply_found_programs, load_programs
+    from mpkir.interpreter import init_state, random_weights, run_graph
+    from mpkir.models import config as mconfig
+    from mpkir.parser import parse
+    from mpkir.testing.cpu_kernel import CpuMegakernel
+    from mpkir.verify import analyze
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "qwen3_0_6b.mpk"
+    src = path.read_text()
+    m = mconfig.apply_config(parse(src, str(path)), {"num_hidden_layers": 1, "vocab_size": 512}, source=src)
+    m, _ = logits_module(m, analyze(m))
+    an = analyze(m)
+    plan = apply_found_programs(lower(m, num_sms=16, greedy=True, batch=None), m, load_programs(),
+                                force=("decode_attention",))
+    assert {d.kind for d in plan.replaced()} == {"decode_attention"}
+    assert any("attn_split_kv_paged" in v for v in plan.variants)
+    assert not any(v.startswith("mk_attention<") for v in plan.variants)
+    w = random_weights(m, an, seed=1)
+    cpu = CpuMegakernel(plan, nt=FEW_THREADS)
+    cpu.load_weights(w)
+    T = 8
+    inputs = {"tokens": np.random.default_rng().integers(0, 512, T).astype(np.int32),
+              "positions": np.arange(30, 30 + T, dtype=np.int32), "seq_ids": np.zeros(T, np.int32)}
+    R, pps = cpu.bufs[plan.inputs["page_table"]].shape
+    inputs["page_table"] = np.random.default_rng().permutation(R * pps).astype(np.int32).reshape(R, pps)
+    cpu.set_inputs(inputs["tokens"], inputs["positions"], inputs["seq_ids"], inputs["page_table"])
+    cpu.poison()
+    cpu.run(1, live=T)
+    rec: dict = {}
+    run_graph(m, inputs, w, init_state(m, an), analysis=an, record=rec)
+    for name in ("attn.0", "logits"):
+        got = _f(cpu.bufs["v:" + name][:T]).astype(np.float64).reshape(T, -1)
+        ref = np.asarray(rec[name], np.float64).reshape(T, -1)
+        assert np.isfinite(got).all()
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2, name

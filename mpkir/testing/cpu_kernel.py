@@ -30,7 +30,9 @@ class CpuMegakernel:
             if b.kind == "const":
                 a[...] = np.asarray(b.data).reshape(b.shape).astype(a.dtype)
             self.bufs[name] = a
-        self.lib = compile_tasks(plan.variants, nt)
+        from mpkir.codegen.emit import so_source
+
+        self.lib = compile_tasks(plan.variants, nt, so_source(plan))  # found programs' bodies, if any
 
     def load_weights(self, weights) -> None:
         """Every weight buffer from ``weights`` (keyed by checkpoint name), as bf16."""

@@ -50,7 +50,11 @@ struct MkBarrier {
 };
 static MkBarrier* mk_cta_barrier;
 #define __syncthreads() mk_cta_barrier->arrive_and_wait()
-template <class T> static inline T __ldcg(const T* p) { return *(const volatile T*)p; }
+template <class T> static inline T __ldcg(const T* p) {
+  T r;
+  std::memcpy((void*)&r, (const void*)p, sizeof(T));
+  return r;
+}
 static inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
   return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
@@ -242,15 +246,17 @@ extern "C" void mk_cpu_run_tasks(const MkTask* tasks, int n, int it, int B, int 
 """
 
 
-def compile_tasks(variants, nt: int = 512) -> ctypes.CDLL:
+def compile_tasks(variants, nt: int = 512, extra: str = "") -> ctypes.CDLL:
     """The task bodies of ``codegen/mk_tasks.cuh`` and ``mk_sample.cuh`` for the plan's ``variants`` (in
     ``Plan.variants`` order: ``a[0]`` indexes them), run by ``mk_cpu_run_tasks(tasks, n, it, B, smem)``: the
-    ``n`` tasks one after the other, each by one emulated CTA of ``nt`` threads (a multiple of 32)."""
+    ``n`` tasks one after the other, each by one emulated CTA of ``nt`` threads (a multiple of 32).
+    ``extra``: more bodies (the found programs of ``codegen.emit.so_source``)."""
     if nt % 32:
         raise ValueError(f"a CTA of {nt} threads is not whole warps")
     cases = "\n".join(f"    case {i}: {v}(t, it, B, smem); break;" for i, v in enumerate(variants))
     dispatch = ("static void mk_cpu_dispatch(const MkTask& t, int it, int B, char* smem) {\n"
                 f"  switch (t.a[0]) {{\n{cases}\n    default: break;\n  }}\n}}\n")
-    lib = compile_source(["mk_tasks.cuh", "mk_sample.cuh"], nt, dispatch + RUN_TASKS, prelude=TASK_SHIM)
+    lib = compile_source(["mk_tasks.cuh", "mk_sample.cuh"], nt, extra + "\n" + dispatch + RUN_TASKS,
+                         prelude=TASK_SHIM)
     lib.mk_cpu_run_tasks.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib

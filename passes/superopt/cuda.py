@@ -31,8 +31,10 @@ THREADS = 512
 SMEM_LIMIT = 227 * 1024 - 1024  # the megakernel's dynamic shared-memory budget (codegen/lower.py)
 
 PRELUDE = r"""// superopt: generic block-program task bodies (mpkir.passes.superopt.cuda)
+#if defined(__CUDACC__) || defined(MK_CPU_EMULATION)  // (the device, or mpkir.testing.cta's emulated CTA)
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
+#endif
 #ifndef MKSO_NT
 #ifdef MK_NT
 #define MKSO_NT MK_NT
