@@ -24,7 +24,6 @@ TASK_DTYPE = np.dtype([("p", "<i8", (12,)), ("a", "<i4", (32,))])
 assert TASK_DTYPE.itemsize == 224
 
 
-
 def fill_step_inputs(block: np.ndarray, views, max_tokens: int, tokens, positions, seq_ids,
                      page_table) -> int:
     """Write one step's inputs into the io block (pinned, uploaded with one copy): ``views`` are its
