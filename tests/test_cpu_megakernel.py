@@ -180,3 +180,24 @@ def test_found_paged_attention_forced_into_a_real_plan(tmp_path):
         ref = np.asarray(rec[name], np.float64).reshape(T, -1)
         assert np.isfinite(got).all()
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2, name
+
+
+def test_the_engine_over_the_cpu_megakernel_generates_the_interpreters_tokens(tiny):
+    """Continuous batching over the GPU plan (on the CPU): 5 prompts through 4 slots, chunked prefill mixed
+    with decoding, the engine's own page tables and padding rows: each request gets the interpreter path's
+    tokens (the KV cache persists in the plan's buffers between steps)."""
+    from mpkir.models.engine import Engine, EngineConfig, SamplingParams
+    from mpkir.testing.cpu_kernel import CpuStepBackend
+
+    ck, m = tiny
+    prompts = [*ck["prompts"], ck["prompts"][0][:2]]
+    serve = EngineConfig.from_serve(m.serve)
+
+    def generate(backend):
+        e = Engine(backend, serve)
+        return [r.output for r in e.generate(prompts, 5, SamplingParams(), stop_ids=())], e
+
+    want, _ = generate(InterpreterBackend(m.module, m.analysis, m.weights))
+    got, e = generate(CpuStepBackend(m.module, m.analysis, m.weights))
+    assert got == want
+    assert e.stats.max_batch == serve.max_requests and e.stats.steps == e.backend.steps

@@ -92,3 +92,27 @@ class CpuMegakernel:
     def tokens(self) -> np.ndarray:
         """The token history [steps, batch] (as ``Megakernel.tokens``)."""
         return self.bufs["hist"][:, : self.plan.batch].copy()
+
+
+class CpuStepBackend:
+    """The engine's step function over the GPU plan run on the CPU (what ``runtime.host.StepBackend`` does
+    on the device): the logits graph lowered once for the serve block's ``max_tokens``, weights and the paged
+    KV cache kept in the plan's buffers between steps, each step's live tokens run, float32 logits back."""
+
+    def __init__(self, module, analysis, weights, nt: int = 128, num_sms: int = 8):
+        from mpkir.codegen.lower import lower
+        from mpkir.models.backends import logits_module
+
+        m2, _ = logits_module(module, analysis)
+        self.mk = CpuMegakernel(lower(m2, num_sms=num_sms, greedy=True, batch=None), nt)
+        self.mk.load_weights(weights)
+        self.steps = 0
+
+    def step(self, tokens, positions, seq_ids, page_table) -> np.ndarray:
+        T = self.mk.set_inputs(tokens, positions, seq_ids, page_table)
+        self.mk.run(1, live=T)
+        self.steps += 1
+        lg = self.mk.bufs[self.mk.plan.logits][:T]
+        if lg.dtype == np.uint16:
+            return (lg.astype(np.uint32) << 16).view(np.float32)
+        return lg.astype(np.float32)
