@@ -202,3 +202,19 @@ def test_gpu_backend_choice_reaches_the_runtime(monkeypatch):
                      {**res, "output": "sample", "kernel_pages": True}]
     with pytest.raises(MpkError, match="unknown GPU backend"):
         make_backend(loaded, "gpu", gpu_backend="nope")
+
+
+def test_a_graph_that_already_returns_logits_steps_to_the_same_logits(ckpt):
+    """InterpreterBackend over the logits variant of a graph (what logits_module returns): float logits, the
+    same as over the original graph (it used to cast them to integer ids)."""
+    from mpkir.models.backends import logits_module
+    from mpkir.verify import analyze
+
+    m = load_model(ckpt["dir"], serve=SERVE, weight_dtype="f32")
+    m2, changed = logits_module(m.module, m.analysis)
+    assert changed and logits_module(m2, analyze(m2))[1] is False
+    args = (np.array(ckpt["prompts"][0][:3], np.int32), np.arange(3, dtype=np.int32), np.zeros(3, np.int32),
+            np.arange(4 * 8, dtype=np.int32).reshape(4, 8))
+    a = InterpreterBackend(m.module, m.analysis, m.weights).step(*args)
+    b = InterpreterBackend(m2, analyze(m2), m.weights).step(*args)
+    assert b.dtype == np.float32 and np.array_equal(a, b) and np.abs(b).max() > 0

@@ -93,8 +93,8 @@ class InterpreterBackend:
         from mpkir.interpreter import init_state
         from mpkir.verify import verify
 
-        module2, self.returns_logits = logits_module(module, analysis, graph)
-        if self.returns_logits:
+        module2, changed = logits_module(module, analysis, graph)
+        if changed:
             analysis = verify(module2)
         self.module = module2
         self.analysis = analysis
@@ -112,6 +112,11 @@ class InterpreterBackend:
         )
         t = analysis.graphs[self.graph.name].types[self.params["tokens"]]
         self.max_tokens = analysis.env.dims[t.shape[0]] if isinstance(t.shape[0], str) else int(t.shape[0])
+        # float logits, also from a graph that already returns them (unchanged by logits_module)
+        ret = self.graph.body[-1]
+        types = analysis.graphs[self.graph.name].types
+        out_t = types.get(ret.values[0].name) if isinstance(ret, ir.ReturnStmt) and ret.values else None
+        self.returns_logits = changed or (out_t is not None and out_t.dtype.value in ("bf16", "f16", "f32"))
 
     def step(self, tokens, positions, seq_ids, page_table) -> np.ndarray:
         from mpkir.interpreter import run_graph
