@@ -227,5 +227,6 @@ def test_a_backend_that_samples_rows_gets_the_draws_the_engine_would_make(model)
     got = [r.output for r in e.generate(prompts, 14, samp)]
     assert got == want
     assert e.stats.drafted > 0
+    assert e._released_slots == []   # a backend that does not page is never sent released slots
     draws = [row for call in e.backend.calls for row in call if row[0] > 0]
     assert {row[3] for row in draws} == {4, 2**63 + 5, -7}     # every sampled request's seed reached it

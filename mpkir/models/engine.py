@@ -312,7 +312,8 @@ class Engine:
         r.pages = []
         if r.slot is not None:
             self.slots[r.slot] = None
-            self._released_slots.append(r.slot)
+            if getattr(self.backend, "allocates_pages", False):
+                self._released_slots.append(r.slot)
         r.slot = None
         r.t_done = time.perf_counter()
         r.event.set()
