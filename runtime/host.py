@@ -17,7 +17,7 @@ import weakref
 import numpy as np
 
 from mpkir.codegen.emit import emit_cuda
-from mpkir.codegen.lower import NT, SAMPLE_SMEM, Plan, lower
+from mpkir.codegen.lower import NT, SAMPLE_SMEM, Plan, dbits, halves64, lower
 from mpkir.codegen.superopt_tasks import maybe_apply
 
 TASK_DTYPE = np.dtype([("p", "<i8", (12,)), ("a", "<i4", (32,))])
@@ -53,16 +53,76 @@ def pack_sampling_rows(rows, max_tokens: int) -> np.ndarray:
     if len(rows) > max_tokens:
         raise ValueError(f"{len(rows)} sampling rows for at most {max_tokens} tokens")
     for i, (temperature, top_k, top_p, seed, pos) in enumerate(rows):
-        words = np.array([float(temperature), float(top_p)], np.float64).view(np.int32)
-        out[i, 0:2], out[i, 3:5] = words[0:2], words[2:4]
-        out[i, 2] = int(top_k)
-        out[i, 5:7] = np.array([int(seed) & (2**64 - 1)], np.uint64).view(np.int32)
-        out[i, 7] = int(pos)
+        out[i] = (*halves64(dbits(temperature)), top_k, *halves64(dbits(top_p)), *halves64(int(seed)), pos)
     return out
 
 
 class DeviceError(RuntimeError):
     pass
+
+
+def task_table(plan: Plan, ptr, prefetch: bool = False) -> np.ndarray:
+    """The plan's tasks as ``MkTask`` records (``TASK_DTYPE``), in op order: pointers (``ptr``: buffer name ->
+    address, plus each task's byte offset), body parameters, variant index, signalled event, waited events
+    with their lag bits and triggers, and with ``prefetch`` the weight-prefetch range."""
+    var = {v: i for i, v in enumerate(plan.variants)}
+    tab = np.zeros(plan.num_tasks, dtype=TASK_DTYPE)
+    ntr = [len(o.tasks) for o in plan.ops]
+    k = 0
+    for oi, op in enumerate(plan.ops):
+        waits = op.deps
+        if len(waits) > 4:
+            raise DeviceError(f"op {op.name} waits on {len(waits)} events (max 4)")
+        for t in op.tasks:
+            row = tab[k]
+            for i, (bn, off) in t.p.items():
+                row["p"][i] = ptr[bn] + off
+            for i, v in t.a.items():
+                row["a"][i] = v
+            row["a"][0] = var[t.variant]
+            row["a"][1] = oi
+            row["a"][2] = len(waits)
+            row["a"][3] = sum(1 << j for j, (_, lag) in enumerate(waits) if lag)
+            for j, (ev, _) in enumerate(waits):
+                row["a"][4 + j] = ev
+                row["a"][8 + j] = ntr[ev]
+            if prefetch and t.prefetch:
+                bn, off, nb = t.prefetch
+                row["p"][11] = ptr[bn] + off
+                row["a"][12] = nb & ~15
+            k += 1
+    return tab
+
+
+def launch_inputs(plan: Plan, tokens, positions, seq_ids=None, page_table=None, live: int | None = None):
+    """One launch's input buffers {name: int32 array}: ``live`` tokens (default: the plan's batch) at their
+    positions (also the step-1 positions the kernel advances from), padding rows with seq id -1, the page
+    table (default: request r owns pages r * pages_per_seq ...)."""
+    B = plan.batch if live is None else live
+    ins = plan.inputs
+    tok = np.zeros(plan.max_tokens, np.int32)
+    tok[:B] = tokens
+    pos = np.zeros(plan.max_tokens, np.int32)
+    pos[:B] = positions
+    sid = np.full(plan.max_tokens, -1, np.int32)
+    sid[:B] = np.arange(B) if seq_ids is None else seq_ids
+    R, pps = plan.buffers[ins["page_table"]].shape
+    pt = np.arange(R * pps, dtype=np.int32).reshape(R, pps) if page_table is None else page_table
+    return {ins["tokens"]: tok, "in:positions0": pos, ins["positions"]: pos, ins["seq_ids"]: sid,
+            ins["page_table"]: np.asarray(pt, np.int32)}
+
+
+def poison_buffers(plan: Plan, bufs) -> None:
+    """NaN (bf16/f32) or -1 (i32) in every activation and scratch buffer of ``bufs`` (CuPy or NumPy)."""
+    for name, b in plan.buffers.items():
+        if b.kind in ("act", "scratch"):
+            a = bufs[name]
+            if a.dtype == np.uint16:
+                a.fill(0x7FC0)
+            elif a.dtype == np.float32:
+                a.fill(np.nan)
+            else:
+                a.fill(-1)
 
 
 def _cupy():
@@ -189,32 +249,7 @@ class Megakernel:
         cp = self.cp
         plan = self.plan
         ptr = {n: int(a.data.ptr) for n, a in self.bufs.items()}
-        var = {v: i for i, v in enumerate(plan.variants)}
-        tab = np.zeros(plan.num_tasks, dtype=TASK_DTYPE)
-        ntr = [len(o.tasks) for o in plan.ops]
-        k = 0
-        for oi, op in enumerate(plan.ops):
-            waits = op.deps
-            if len(waits) > 4:
-                raise DeviceError(f"op {op.name} waits on {len(waits)} events (max 4)")
-            for t in op.tasks:
-                row = tab[k]
-                for i, (bn, off) in t.p.items():
-                    row["p"][i] = ptr[bn] + off
-                for i, v in t.a.items():
-                    row["a"][i] = v
-                row["a"][0] = var[t.variant]
-                row["a"][1] = oi
-                row["a"][2] = len(waits)
-                row["a"][3] = sum(1 << j for j, (_, lag) in enumerate(waits) if lag)
-                for j, (ev, _) in enumerate(waits):
-                    row["a"][4 + j] = ev
-                    row["a"][8 + j] = ntr[ev]
-                if t.prefetch and os.environ.get("MPKIR_PREFETCH", "0") != "0":
-                    bn, off, nb = t.prefetch
-                    row["p"][11] = ptr[bn] + off
-                    row["a"][12] = nb & ~15
-                k += 1
+        tab = task_table(plan, ptr, prefetch=os.environ.get("MPKIR_PREFETCH", "0") != "0")
         off = np.zeros(plan.num_sms + 1, dtype=np.int32)
         off[1:] = np.cumsum([len(lst) for lst in plan.lists])
         flat = np.array([x for lst in plan.lists for x in lst], dtype=np.int32)
@@ -244,21 +279,9 @@ class Megakernel:
     def set_inputs(self, tokens, positions, seq_ids=None, page_table=None, live: int | None = None):
         """Upload one launch's inputs; ``live`` tokens (default: the plan's batch) run, the rest pad."""
         cp = self.cp
-        B = self.B if live is None else live
-        tok = np.zeros(self.plan.max_tokens, np.int32)
-        tok[:B] = tokens
-        pos = np.zeros(self.plan.max_tokens, np.int32)
-        pos[:B] = positions
-        ins = self.plan.inputs
-        self.bufs[ins["tokens"]][...] = cp.asarray(tok)
-        self.bufs["in:positions0"][...] = cp.asarray(pos)
-        self.bufs[ins["positions"]][...] = cp.asarray(pos)
-        sid = np.full(self.plan.max_tokens, -1, np.int32)
-        sid[:B] = np.arange(B) if seq_ids is None else seq_ids
-        self.bufs[ins["seq_ids"]][...] = cp.asarray(sid)
-        pt = self.bufs[ins["page_table"]]
-        R, pps = pt.shape
-        pt[...] = cp.arange(R * pps, dtype=cp.int32).reshape(R, pps) if page_table is None else page_table
+        for name, a in launch_inputs(self.plan, tokens, positions, seq_ids, page_table,
+                                     self.B if live is None else live).items():
+            self.bufs[name][...] = cp.asarray(a)
 
     def launch(self, steps: int, trace_cap: int = 0, live: int | None = None):
         """One launch for ``steps`` decode steps over ``live`` tokens (default the plan's batch; tasks of
@@ -325,16 +348,7 @@ class Megakernel:
 
     def poison(self):
         """Fill every activation and scratch buffer with NaN (bf16/f32) or -1 (i32) before a check run."""
-        cp = self.cp
-        for name, b in self.plan.buffers.items():
-            if b.kind in ("act", "scratch"):
-                a = self.bufs[name]
-                if a.dtype == cp.uint16:
-                    a.fill(0x7FC0)
-                elif a.dtype == cp.float32:
-                    a.fill(cp.nan)
-                else:
-                    a.fill(-1)
+        poison_buffers(self.plan, self.bufs)
 
     def tokens(self):
         return self.cp.asnumpy(self.bufs["hist"])[:, : self.B]
@@ -652,14 +666,14 @@ class ResidentBackend(StepBackend):
         params = pack_sampling_rows(sampling or [], T) if self.output == "sample" else None
         if released and not self.allocates_pages:
             raise ValueError("released slots are for a backend that allocates the KV pages itself")
-        self._released = [int(r) for r in released]
+        released = [int(r) for r in released]
         for _ in range(2):  # a second try only after an idle end of the kernel
             if self.running and self.stream.done:
                 self._ended()
             if not self.running:
                 self._launch()
             it = self._st["it"] + 1
-            if self._publish_and_wait(it, T, params):
+            if self._publish_and_wait(it, T, params, released):
                 break
         self._st["it"] = it
         self.steps += 1
@@ -667,17 +681,16 @@ class ResidentBackend(StepBackend):
             return self.h_ids[:T].astype(np.int64)
         return self.h_logits[: T * self.V].reshape(T, self.V).copy()
 
-    def _publish_and_wait(self, it: int, T: int, params: np.ndarray | None) -> bool:
+    def _publish_and_wait(self, it: int, T: int, params: np.ndarray | None, released: list[int]) -> bool:
         ring = self._st["ring"]
         slot = ring[(it - 1) % ring.shape[0]]
         slot[2], slot[3], slot[4] = 0, T, RESIDENT_OUTPUTS.index(self.output)
         slot[SERVE_HDR : SERVE_HDR + self.io_n] = self.h_io
         if params is not None:
             slot[self.smp_off : self.smp_off + params.size] = params.reshape(-1)
-        rel = getattr(self, "_released", [])
-        slot[5] = len(rel)
-        if rel:
-            slot[self.rel_off : self.rel_off + len(rel)] = rel
+        slot[5] = len(released)
+        if released:
+            slot[self.rel_off : self.rel_off + len(released)] = released
         slot.view(np.uint64)[0] = it  # publish (x86 stores are seen in order)
         done, t0, n = self.h_done, time.perf_counter(), 0
         while done[0] < it:

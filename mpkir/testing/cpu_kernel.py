@@ -15,7 +15,7 @@ import ctypes
 
 import numpy as np
 
-from mpkir.runtime.host import TASK_DTYPE, bf16_bits
+from mpkir.runtime.host import bf16_bits, launch_inputs, poison_buffers, task_table
 from mpkir.testing.cta import compile_tasks
 
 _NUMPY = {"bf16": np.uint16, "f32": np.float32, "i32": np.int32}
@@ -42,49 +42,19 @@ class CpuMegakernel:
 
     def set_inputs(self, tokens, positions, seq_ids=None, page_table=None) -> int:
         """One run's inputs, as ``Megakernel.set_inputs``; returns the live token count."""
-        p, ins = self.plan, self.plan.inputs
-        B = len(tokens)
-        tok = np.zeros(p.max_tokens, np.int32)
-        tok[:B] = tokens
-        pos = np.zeros(p.max_tokens, np.int32)
-        pos[:B] = positions
-        self.bufs[ins["tokens"]][...] = tok
-        self.bufs["in:positions0"][...] = pos
-        self.bufs[ins["positions"]][...] = pos
-        sid = np.full(p.max_tokens, -1, np.int32)
-        sid[:B] = np.arange(B) if seq_ids is None else seq_ids
-        self.bufs[ins["seq_ids"]][...] = sid
-        pt = self.bufs[ins["page_table"]]
-        R, pps = pt.shape
-        pt[...] = np.arange(R * pps, dtype=np.int32).reshape(R, pps) if page_table is None else page_table
-        return B
+        for name, a in launch_inputs(self.plan, tokens, positions, seq_ids, page_table, len(tokens)).items():
+            self.bufs[name][...] = a
+        return len(tokens)
 
     def poison(self) -> None:
         """NaN (bf16/f32) or -1 (i32) in every activation and scratch buffer, as ``Megakernel.poison``."""
-        for name, b in self.plan.buffers.items():
-            if b.kind in ("act", "scratch"):
-                a = self.bufs[name]
-                a[...] = {np.uint16: 0x7FC0, np.float32: np.nan, np.int32: -1}[a.dtype.type]
-
-    def _table(self) -> np.ndarray:
-        var = {v: i for i, v in enumerate(self.plan.variants)}
-        tab = np.zeros(self.plan.num_tasks, dtype=TASK_DTYPE)
-        k = 0
-        for oi, op in enumerate(self.plan.ops):
-            for t in op.tasks:
-                for i, (bn, off) in t.p.items():
-                    tab[k]["p"][i] = self.bufs[bn].ctypes.data + off
-                for i, v in t.a.items():
-                    tab[k]["a"][i] = v
-                tab[k]["a"][0], tab[k]["a"][1] = var[t.variant], oi
-                k += 1
-        return tab
+        poison_buffers(self.plan, self.bufs)
 
     def run(self, steps: int, live: int | None = None) -> None:
         """``steps`` decode steps over ``live`` tokens (default: the plan's batch), as one launch would."""
         B = self.plan.batch if live is None else live
         self.bufs["hist"] = np.full((steps, self.plan.max_tokens), -1, np.int32)
-        tab = self._table()
+        tab = task_table(self.plan, {n: a.ctypes.data for n, a in self.bufs.items()})
         ptr = tab.ctypes.data_as(ctypes.c_void_p)
         for it in range(1, steps + 1):
             self.lib.mk_cpu_run_tasks(ptr, len(tab), it, B, self.plan.smem_bytes)
