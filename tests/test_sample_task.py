@@ -4,31 +4,21 @@ threads (mpkir.testing.cta): every row's token equals the ``sample`` operator's 
 
 from __future__ import annotations
 
-import ctypes
-import struct
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mpkir.codegen.lower import SAMPLE_SMEM, dbits, halves64
 from mpkir.ops.sampling import sample_ref
-from mpkir.testing.cta import TaskStruct, compile_body, compiler
+from mpkir.runtime.host import TASK_DTYPE
+from mpkir.testing.cta import compile_tasks, compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler")
 
 
 def _lib(nt: int):
-    return compile_body("mk_sample.cuh", "mk_sample", nt)
-
-
-def _halves(bits: int) -> tuple[int, int]:
-    lo, hi = bits & 0xFFFFFFFF, (bits >> 32) & 0xFFFFFFFF
-    return tuple(int(np.array(x, np.uint32).view(np.int32)) for x in (lo, hi))
-
-
-def _f64_bits(x: float) -> int:
-    return struct.unpack("<Q", struct.pack("<d", x))[0]
+    return compile_tasks(["mk_sample"], nt)
 
 
 def run_sample(lib, logits, positions, temperature, top_k, top_p, seed, f32, it=1, B=None):
@@ -45,15 +35,15 @@ def run_sample(lib, logits, positions, temperature, top_k, top_p, seed, f32, it=
     out = np.full(maxB, -7, np.int32)
     hist = np.full((it, maxB), -7, np.int32)
     for b in range(rows):
-        t = TaskStruct()
-        t.p[0], t.p[1], t.p[2], t.p[3] = (a.ctypes.data for a in (buf, out, hist, pos))
+        t = np.zeros(1, TASK_DTYPE)   # variant 0: mk_sample
+        t["p"][0, :4] = [a.ctypes.data for a in (buf, out, hist, pos)]
         vals = {16: V, 17: b, 18: maxB, 19: int(f32), 20: V, 23: top_k}
-        vals[21], vals[22] = _halves(_f64_bits(temperature))
-        vals[24], vals[25] = _halves(_f64_bits(top_p))
-        vals[26], vals[27] = _halves(seed & (2**64 - 1))
+        vals[21], vals[22] = halves64(dbits(temperature))
+        vals[24], vals[25] = halves64(dbits(top_p))
+        vals[26], vals[27] = halves64(seed)
         for k, v in vals.items():
-            t.a[k] = v
-        lib.mk_cta_run(ctypes.byref(t), it, B)
+            t["a"][0, k] = v
+        lib.mk_cpu_run_tasks(t.ctypes.data, 1, it, B, SAMPLE_SMEM)
     stored = buf.astype(np.float32) if f32 else (buf.astype(np.uint32) << 16).view(np.float32)
     return out, hist[it - 1], stored
 

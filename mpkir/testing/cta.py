@@ -1,9 +1,10 @@
-"""Run a megakernel task body on the CPU: its CUDA text compiled as C++20, one CTA of ``nt`` real threads.
+"""Run megakernel task bodies on the CPU: their CUDA text compiled as C++20, one CTA of ``nt`` real threads.
 
-For bodies written with block-wide steps only (``threadIdx.x``, ``__syncthreads``, shared-memory atomics,
-``__ldcg``, bit casts, double ``exp``/``log``; no warp intrinsics): ``__syncthreads`` is a barrier
-of the ``nt`` threads, ``atomicAdd`` an atomic read-modify-write, so races between threads of the CTA are
-real. ``MkTask`` has the device layout; ``mk_block_wait`` returns true (the test has no events).
+``__syncthreads`` is a barrier of the ``nt`` threads, ``atomicAdd`` an atomic read-modify-write, so races
+between threads of the CTA are real; warps (shuffles, ``__syncwarp``, the tensor-core mma) are emulated for
+CTAs of whole warps. ``MkTask`` has the device layout; ``mk_block_wait`` returns true (the caller runs the
+tasks in an order that respects their events). :func:`compile_tasks` builds the task bodies,
+:func:`compile_source` any header with its own ``extern "C"`` entry.
 """
 
 from __future__ import annotations
@@ -66,34 +67,8 @@ struct alignas(16) MkTask { long long p[12]; int a[32]; };
 static inline bool mk_block_wait(const MkTask&) { return true; }
 """
 
-RUN = r"""
-extern "C" void mk_cta_run(const MkTask* t, int it, int B) {
-  std::vector<char> smem(1 << 20);
-  MkBarrier bar(MK_NT);
-  mk_cta_barrier = &bar;
-  std::vector<std::thread> threads;
-  for (int i = 0; i < MK_NT; ++i)
-    threads.emplace_back([&, i] { threadIdx.x = i; BODY(*t, it, B, smem.data()); });
-  for (auto& th : threads) th.join();
-}
-"""
-
-
 def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
-
-
-class TaskStruct(ctypes.Structure):
-    """``MkTask``: 12 pointers, 32 ints (224 bytes, 16-byte aligned on the device)."""
-
-    _fields_ = [("p", ctypes.c_longlong * 12), ("a", ctypes.c_int * 32)]
-
-
-def compile_body(header: str, body: str, nt: int) -> ctypes.CDLL:
-    """``codegen/<header>`` with the shim, ``body`` run by ``mk_cta_run(task*, it, B)`` on ``nt`` threads."""
-    lib = compile_source([header], nt, f"#define BODY {body}\n{RUN}")
-    lib.mk_cta_run.argtypes = [ctypes.POINTER(TaskStruct), ctypes.c_int, ctypes.c_int]
-    return lib
 
 
 def compile_source(headers: list[str], nt: int, tail: str, prelude: str = "") -> ctypes.CDLL:
@@ -132,7 +107,7 @@ TASK_SHIM = r"""
 #define __align__(n) alignas(n)
 #include <math.h>
 #include <memory>
-#define MK_NWARP (MK_NT / 32)
+#define MK_NWARP ((MK_NT + 31) / 32)
 #define MK_TILE_B 8
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
@@ -228,7 +203,7 @@ extern "C" void mk_cpu_run_tasks(const MkTask* tasks, int n, int it, int B, int 
   std::vector<char> buf((size_t)smem_bytes + 64);
   char* smem = (char*)(((uintptr_t)buf.data() + 15) & ~(uintptr_t)15);
   MkCpuCta cta;
-  for (int w = 0; w < MK_NWARP; ++w) cta.warp[w] = std::make_unique<MkBarrier>(32);
+  for (int w = 0; w < MK_NWARP; ++w) cta.warp[w] = std::make_unique<MkBarrier>(MK_NT < 32 ? MK_NT : 32);
   mk_cpu_cta = &cta;
   MkBarrier bar(MK_NT);
   mk_cta_barrier = &bar;
@@ -249,10 +224,11 @@ extern "C" void mk_cpu_run_tasks(const MkTask* tasks, int n, int it, int B, int 
 def compile_tasks(variants, nt: int = 512, extra: str = "") -> ctypes.CDLL:
     """The task bodies of ``codegen/mk_tasks.cuh`` and ``mk_sample.cuh`` for the plan's ``variants`` (in
     ``Plan.variants`` order: ``a[0]`` indexes them), run by ``mk_cpu_run_tasks(tasks, n, it, B, smem)``: the
-    ``n`` tasks one after the other, each by one emulated CTA of ``nt`` threads (a multiple of 32).
+    ``n`` tasks one after the other, each by one emulated CTA of ``nt`` threads: whole warps, or fewer than
+    32 threads for bodies without warp operations (``mk_sample``).
     ``extra``: more bodies (the found programs of ``codegen.emit.so_source``)."""
-    if nt % 32:
-        raise ValueError(f"a CTA of {nt} threads is not whole warps")
+    if nt % 32 and nt > 32:
+        raise ValueError(f"a CTA of {nt} threads is neither whole warps nor part of one")
     cases = "\n".join(f"    case {i}: {v}(t, it, B, smem); break;" for i, v in enumerate(variants))
     dispatch = ("static void mk_cpu_dispatch(const MkTask& t, int it, int B, char* smem) {\n"
                 f"  switch (t.a[0]) {{\n{cases}\n    default: break;\n  }}\n}}\n")
