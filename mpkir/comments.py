@@ -17,8 +17,6 @@ class Comment:
     line: int            # 1-based source line
     text: str            # from ``//`` to the end of the line, trailing blanks removed
     own_line: bool       # nothing but blanks before it on its line
-    blank_before: bool   # an own-line comment with a blank line (not the file's start) right above it
-    blank_after: bool    # an own-line comment with a blank line right below it
 
 
 def _comment_start(line: str) -> int:
@@ -48,10 +46,7 @@ def scan_comments(source: str) -> list[Comment]:
         col = _comment_start(line)
         if col < 0:
             continue
-        own = not line[:col].strip()
-        before = own and n > 0 and not lines[n - 1].strip()
-        after = own and n + 1 < len(lines) and not lines[n + 1].strip()
-        out.append(Comment(n + 1, line[col:].rstrip(), own, before, after))
+        out.append(Comment(n + 1, line[col:].rstrip(), not line[:col].strip()))
     return out
 
 
@@ -76,6 +71,15 @@ class CommentCursor:
         layout = layout or Layout()
         self._left = sorted(layout.comments, key=lambda c: c.line)
         self._blank = sorted(layout.blank_lines)
+        self._blank_set = layout.blank_lines
+
+    def blank_above(self, c: Comment) -> bool:
+        """An own-line comment with a blank line right above it."""
+        return c.own_line and c.line - 1 in self._blank_set
+
+    def blank_below(self, c: Comment) -> bool:
+        """An own-line comment with a blank line right below it."""
+        return c.own_line and c.line + 1 in self._blank_set
 
     def blank_between(self, after: int | None, before: int | None) -> bool:
         """Whether the source had a blank line strictly between these two lines."""

@@ -117,10 +117,10 @@ def _lead(node, prev_end: int | None, pad: str, out: list[str], cur: CommentCurs
     if cur.blank_between(prev_end, first):
         _blank(out)
     for c in comments:
-        if c.blank_before:
+        if cur.blank_above(c):
             _blank(out)
         out.append(pad + c.text)
-    if comments and comments[-1].blank_after:
+    if comments and cur.blank_below(comments[-1]):
         _blank(out)
 
 
@@ -168,7 +168,7 @@ def _body(node, items, pad: str, out: list[str], cur: CommentCursor, print_item)
     line = pad + "}"
     if cur.active and loc is not None and loc.end_line is not None:
         for c in cur.before(loc.end_line):
-            if c.blank_before:
+            if cur.blank_above(c):
                 _blank(out)
             out.append(inner + c.text)
         trail = cur.trailing(loc.end_line)
@@ -265,7 +265,7 @@ def print_module(m: ir.Module, layout: Layout | None = None) -> str:
         _decl(d, out, cur)
         prev, prev_end = kind, _end(d)
     for c in cur.before(None):
-        if c.blank_before:
+        if cur.blank_above(c):
             _blank(out)
         out.append(c.text)
     return "\n".join(_align_trailing(out)) + "\n"
