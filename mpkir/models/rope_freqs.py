@@ -36,6 +36,13 @@ def _snapped(params: dict) -> dict:
     return {k: (v if isinstance(v, int) else float(f"{v:.6g}")) for k, v in params.items()}
 
 
+def _band(slope: float, intercept: float, old: int) -> dict:
+    """The parameters of the line s(1/λ) = slope / λ + intercept, s = old/(hi-lo) · (1/λ) - lo/(hi-lo)."""
+    width = old / slope
+    low = -intercept * width
+    return {"low_freq_factor": low, "high_freq_factor": low + width, "original_max_position": old}
+
+
 def _candidates(factors, wl, factor, original_max_position):
     """Parameter sets consistent with the table's interpolated entries (checked by the caller)."""
     tol = TOLERANCE
@@ -43,31 +50,27 @@ def _candidates(factors, wl, factor, original_max_position):
     divided = np.abs(factors - factor) <= tol * factor
     medium = ~(kept | divided)
     old = original_max_position
+    # an interpolated entry's smoothing s = (1/f - 1/factor) / (1 - 1/factor) lies on a line in 1/λ
+    s = (1.0 / factors[medium] - 1.0 / factor) / (1.0 - 1.0 / factor)
+    x = 1.0 / wl[medium]
     if medium.sum() >= 2:
-        # s = (1/f - 1/factor) / (1 - 1/factor) = old/(hi-lo) · (1/λ) - lo/(hi-lo): a line in 1/λ
-        s = (1.0 / factors[medium] - 1.0 / factor) / (1.0 - 1.0 / factor)
-        slope, intercept = np.polyfit(1.0 / wl[medium], s, 1)
+        slope, intercept = np.polyfit(x, s, 1)
         if slope > 0:
-            width = old / slope
-            low = -intercept * width
-            yield {"low_freq_factor": low, "high_freq_factor": low + width, "original_max_position": old}
+            yield _band(slope, intercept, old)
     if medium.sum() == 1:
         # one point fixes one relation: first Llama-3's 1 and 4, solving for the original context ...
-        s_m = (1.0 / float(factors[medium][0]) - 1.0 / factor) / (1.0 - 1.0 / factor)
+        s_m, x_m = float(s[0]), float(x[0])
         yield {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position": max(1, round(float(wl[medium][0]) * (3.0 * s_m + 1.0)))}
+               "original_max_position": max(1, round((3.0 * s_m + 1.0) / x_m))}
         # ... else the least steep line through the point that keeps the kept entries at s >= 1, the
         # divided ones at s <= 0 and the low frequency factor positive (s < 0 at 1/λ = 0)
-        x_m = 1.0 / float(wl[medium][0])
         slope = s_m / x_m
         if kept.any():
             slope = max(slope, (1.0 - s_m) / (float((1.0 / wl[kept]).min()) - x_m))
         if divided.any():
             slope = max(slope, s_m / (x_m - float((1.0 / wl[divided]).max())))
         slope *= 1.0 + 1e-6
-        width = old / slope
-        low = (slope * x_m - s_m) * width
-        yield {"low_freq_factor": low, "high_freq_factor": low + width, "original_max_position": old}
+        yield _band(slope, s_m - slope * x_m, old)
     if medium.sum() == 0 and kept.any() and divided.any():
         # no interpolated entry: put the band between the longest kept and the shortest divided wavelength
         hi_wl, lo_wl = float(wl[kept].max()), float(wl[divided].min())
