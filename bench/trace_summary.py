@@ -1,6 +1,11 @@
-"""Per-op-kind time from the megakernel's own trace (batch 1, 2 steps): where the time goes."""
+"""Where a decode step's time goes, from the megakernel's own trace: per op kind and per op (layer index
+dropped), the SM-time spent waiting for each op's events and running its tasks.
 
+Use: python bench/trace_summary.py qwen3_8b,llama3_2_1b [BATCHES, default 1]"""
+
+import re
 import sys
+from collections import defaultdict
 
 import numpy as np
 
@@ -8,20 +13,45 @@ from mpkir.parser import parse_file
 from mpkir.runtime.host import Megakernel
 from mpkir.runtime.trace import summarize, trace_events
 
-for name in sys.argv[1].split(","):
-    m, _ = parse_file(f"examples/{name}.mpk")
-    mk = Megakernel(m, batch=1)
-    mk.init_random(0)
-    mk.set_inputs([7], [1024])
-    mk.launch(2)
-    ms = mk.launch(2, trace_cap=2048)
-    ev = [e for e in trace_events(mk) if e.get("ph") == "X"]
-    span = max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)
-    print(f"{name}: {ms / 2:.3f} ms/step traced; span {span / 2:.0f} us/step; {mk.num_sms} SMs")
-    for s in summarize(mk):
-        print(
-            f"  {s['kind']:<16} n={s['n']:>7} SM-time {s['busy_us'] / 2 / mk.num_sms:8.1f} us/step/SM "
-            f"mean {s['busy_us'] / max(s['n'], 1):7.2f} us"
-        )
-    del mk
-    np.zeros(1)
+
+def by_op(events: list[dict]) -> list[tuple[str, int, float, float]]:
+    """(op name without layer digits, tasks, busy µs, wait-before µs), busiest first."""
+    acc: dict[str, list] = defaultdict(lambda: [0, 0.0, 0.0])
+    pending_wait: dict[int, float] = defaultdict(float)
+    for e in sorted(events, key=lambda e: (e["tid"], e["ts"])):
+        if e["cat"] == "wait":
+            pending_wait[e["tid"]] += e["dur"]
+            continue
+        a = acc[re.sub(r"\d+", "#", e["name"])]
+        a[0] += 1
+        a[1] += e["dur"]
+        a[2] += pending_wait.pop(e["tid"], 0.0)
+    return sorted(((k, n, b, w) for k, (n, b, w) in acc.items()), key=lambda r: -(r[2] + r[3]))
+
+
+def main(models: str, batches: str = "1") -> None:
+    for name in models.split(","):
+        for batch in map(int, batches.split(",")):
+            m, _ = parse_file(f"examples/{name}.mpk")
+            mk = Megakernel(m, batch=batch)
+            mk.init_random(0)
+            mk.set_inputs([7 + b for b in range(batch)], [1024] * batch)
+            mk.launch(2)
+            ms = mk.launch(2, trace_cap=4096)
+            ev = [e for e in trace_events(mk) if e.get("ph") == "X"]
+            span = max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)
+            per = 2 * mk.num_sms
+            print(f"{name} b{batch}: {ms / 2:.3f} ms/step traced; span {span / 2:.0f} us/step")
+            for s in summarize(mk):
+                print(f"  {s['kind']:<16} n={s['n']:>7} {s['busy_us'] / per:8.1f} us/step/SM "
+                      f"mean {s['busy_us'] / max(s['n'], 1):7.2f} us")
+            print("  per op (us/step/SM busy + waiting before it; mean task us):")
+            for op, n, busy, wait in by_op(ev)[:14]:
+                b, w = busy / per, wait / per
+                print(f"    {op:<24} n={n:>6} busy {b:7.1f} wait {w:7.1f} mean {busy / n:6.2f}")
+            del mk
+            np.zeros(1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

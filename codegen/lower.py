@@ -528,6 +528,7 @@ class _Lowerer:
             part = self.add_buffer(f"argpart:{s.results[0]}", "scratch", (ntile, self.maxB, 2), "f32")
         mode_mma = os.environ.get("MPKIR_MMA", "auto")
         mma = K % 32 == 0 and (mode_mma == "1" or (mode_mma == "auto" and self.B > 2))
+        pipe = int(os.environ.get("MPKIR_MMA_PIPE", "0"))  # mk_linear_mma's weight stream: bits 1 and 2
 
         def mma_smem(ng: int) -> int:  # x of 8*ng tokens, split-K partials, rmsnorm reduction
             return TILE_B * ng * (K + 32) * 2 + ng * NWARP * 128 * 4 + NWARP * TILE_B * 4
@@ -554,8 +555,9 @@ class _Lowerer:
             ta = dict(a)
             ta.update({17: r, 18: N, 22: epi, 23: n0})
             if mma:
-                u = next(u for u in (4, 2, 1) if K % (32 * u) == 0)
-                variant = f"mk_linear_mma<{u},{ng}>"
+                widths = (2, 1) if pipe & 1 else (4, 2, 1)  # double-buffered: half the loads per buffer
+                u = next(u for u in widths if K % (32 * u) == 0)
+                variant = f"mk_linear_mma<{u},{ng},{pipe}>"
             else:
                 u = max(1, min(8, math.ceil(K / 8 / max(1, NWARP // max(r, 1)) / 32)))
                 u = 1 << (u - 1).bit_length()

@@ -528,9 +528,23 @@ __device__ __forceinline__ void mk_mma_bf16(float* c, unsigned a0, unsigned a1, 
 }
 #endif
 
-template <int U, int NG>
+// 16*U bytes of W rows r0 and r0+8 at K block kb, thread quad tq's slice (zeros past the tile's R rows)
+template <int U>
+__device__ __forceinline__ void mk_mma_load_kb(const __nv_bfloat16* W, int K, int R, int r0, int tq, int kb,
+                                               uint4 (&wa)[U], uint4 (&wb)[U]) {
+  const __nv_bfloat16* w0 = W + (size_t)r0 * K + tq * 8 * U + kb * 32 * U;
+  const __nv_bfloat16* w1 = w0 + (size_t)8 * K;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    wa[u] = r0 < R ? mk_ld_weight(w0 + 8 * u) : make_uint4(0, 0, 0, 0);
+    wb[u] = r0 + 8 < R ? mk_ld_weight(w1 + 8 * u) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// P bit 1 double-buffers the weight stream (each K block's loads issued before the previous block's mma);
+// P bit 2 loads the warp's first K block before the dependency wait. Same arithmetic for every P.
+template <int U, int NG, int P>
 __device__ void mk_linear_mma(const MkTask& t, int it, int B, char* smem) {
-  if (!mk_block_wait(t)) return;
   // Each warp owns 16-row blocks of W (the mma's M) and a K range; tokens are the mma's N (8 columns).
   // Per 32*U-wide K block, thread (g = lane/4, tq = lane%4) streams 16*U contiguous bytes of rows g and g+8
   // and reads token g's x at the same K offsets from shared memory (K is permuted identically for W and x,
@@ -549,6 +563,10 @@ __device__ void mk_linear_mma(const MkTask& t, int it, int B, char* smem) {
   const int kps = (nkb + KS - 1) / KS;
   const int kb0 = kseg * kps, kb1 = min(nkb, kb0 + kps);
   const __nv_bfloat16* W = (const __nv_bfloat16*)t.p[1];
+  uint4 pa[U], pb[U];
+  bool pre = (P & 2) && rb0 < nrb && kb0 < kb1;
+  if (pre) mk_mma_load_kb<U>(W, K, R, rb0 * 16 + g, tq, kb0, pa, pb);
+  if (!mk_block_wait(t)) return;
   for (int b0 = 0; b0 < B; b0 += TB) {
     const int nbt = min(TB, B - b0);
 #pragma unroll
@@ -558,23 +576,31 @@ __device__ void mk_linear_mma(const MkTask& t, int it, int B, char* smem) {
       __syncthreads();
     }
     for (int rb = rb0; rb < nrb; rb += rbstep) {
-      const int r0 = rb * 16 + g, r1 = r0 + 8;
-      const bool ok0 = r0 < R, ok1 = r1 < R;
-      const __nv_bfloat16* w0 = W + (size_t)r0 * K + tq * 8 * U;
-      const __nv_bfloat16* w1 = W + (size_t)r1 * K + tq * 8 * U;
       const __nv_bfloat16* xr = xs + (size_t)g * XST + tq * 8 * U;
       float c[NG][4], d[NG][4];
 #pragma unroll
       for (int gi = 0; gi < NG; ++gi)
 #pragma unroll
         for (int q = 0; q < 4; ++q) c[gi][q] = d[gi][q] = 0.f;
-      for (int kb = kb0; kb < kb1; ++kb) {
-        uint4 wa[U], wb[U];
+      uint4 wa[U], wb[U], nxa[U], nxb[U];
+      bool have = false;  // wa/wb already hold K block kb0
+      if (kb0 < kb1 && (pre || (P & 1))) {
+        if (pre) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          wa[u] = ok0 ? mk_ld_weight(w0 + kb * 32 * U + 8 * u) : make_uint4(0, 0, 0, 0);
-          wb[u] = ok1 ? mk_ld_weight(w1 + kb * 32 * U + 8 * u) : make_uint4(0, 0, 0, 0);
+          for (int u = 0; u < U; ++u) wa[u] = pa[u], wb[u] = pb[u];
+          pre = false;
+        } else {
+          mk_mma_load_kb<U>(W, K, R, rb * 16 + g, tq, kb0, wa, wb);
         }
+        have = true;
+      }
+      for (int kb = kb0; kb < kb1; ++kb) {
+        if (P & 1) {
+          if (kb + 1 < kb1) mk_mma_load_kb<U>(W, K, R, rb * 16 + g, tq, kb + 1, nxa, nxb);
+        } else if (!have) {
+          mk_mma_load_kb<U>(W, K, R, rb * 16 + g, tq, kb, wa, wb);
+        }
+        have = false;
 #pragma unroll
         for (int gi = 0; gi < NG; ++gi) {
           if (gi * MK_TILE_B >= nbt) break;  // block-uniform: empty token groups of the last pass
@@ -589,6 +615,10 @@ __device__ void mk_linear_mma(const MkTask& t, int it, int B, char* smem) {
 #pragma unroll
             for (int q = 0; q < 4; ++q) { c[gi][q] += tc[q]; d[gi][q] += td[q]; }
           }
+        }
+        if (P & 1) {
+#pragma unroll
+          for (int u = 0; u < U; ++u) wa[u] = nxa[u], wb[u] = nxb[u];
         }
       }
       // c[gi][0], c[gi][1]: row g, tokens 8gi + 2tq, +1; c[gi][2], c[gi][3]: row g+8

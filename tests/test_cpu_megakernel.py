@@ -44,15 +44,18 @@ def _f(a: np.ndarray) -> np.ndarray:
     return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a.astype(np.float32)
 
 
-def test_a_mixed_step_gives_the_interpreters_logits(tiny):
+@pytest.mark.parametrize("pipe", ["0", "3"])
+def test_a_mixed_step_gives_the_interpreters_logits(tiny, pipe, monkeypatch):
     """Prefill of 5 tokens of request 0 and the first token of request 1, two padding rows, buffers poisoned:
-    the tensor-core linears, head norm + rope, the k/v append to the paged cache and paged attention."""
+    the tensor-core linears (plain and with the pipelined weight stream), head norm + rope, the k/v append to
+    the paged cache and paged attention."""
     from mpkir.testing.cpu_kernel import CpuMegakernel
 
+    monkeypatch.setenv("MPKIR_MMA_PIPE", pipe)
     ck, m = tiny
     m2, _ = logits_module(m.module, m.analysis)
     plan = lower(m2, num_sms=8, greedy=True, batch=None)
-    assert any(v.startswith("mk_linear_mma") for v in plan.variants)
+    assert any(v.startswith("mk_linear_mma") and v.endswith(f",{pipe}>") for v in plan.variants)
     cpu = CpuMegakernel(plan)
     cpu.load_weights(m.weights)
     toks = [*ck["prompts"][0][:5], ck["prompts"][1][0]]

@@ -1,0 +1,57 @@
+"""A/B of megakernel code-generation switches on one decode step (environment variables read by
+``codegen.lower``): per model and batch, ms/step of each variant (one launch of 64 steps, median of 5, same
+random weights and inputs) and whether its 64 greedy tokens equal the first variant's.
+
+Use: python bench/ab_step.py OUT.json llama3_2_1b,qwen3_8b 1,8 "MPKIR_MMA_PIPE=0" "MPKIR_MMA_PIPE=1" ..."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from mpkir.parser import parse_file
+from mpkir.runtime.host import Megakernel
+
+CTX, STEPS = 1024, 64
+
+
+def time_variant(module, batch: int, env: dict[str, str]) -> tuple[float, np.ndarray]:
+    """(ms per step, greedy tokens [STEPS, batch]) of the megakernel built under ``env``."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        mk = Megakernel(module, batch=batch)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    mk.init_random(0)
+    toks = np.random.default_rng(1).integers(0, 1000, batch)
+    mk.set_inputs(toks, np.full(batch, CTX))
+    mk.launch(STEPS)
+    got = mk.tokens()
+    ms = sorted(mk.launch(STEPS) for _ in range(5))[2] / STEPS
+    del mk
+    return ms, got
+
+
+def main(out: str, models: str, batches: str, *variants: str) -> None:
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": []}
+    envs = [dict(kv.split("=", 1) for kv in v.split(",") if kv) for v in variants] or [{}]
+    for name in models.split(","):
+        module, _ = parse_file(f"examples/{name}.mpk")
+        for batch in map(int, batches.split(",")):
+            base = None
+            for env in envs:
+                ms, toks = time_variant(module, batch, env)
+                base = toks if base is None else base
+                same = bool(np.array_equal(toks, base))
+                res["runs"].append(dict(model=name, batch=batch, env=env, ms=ms, tokens_equal_first=same))
+                print(f"{name} b{batch} {env}: {ms:.3f} ms/step, tokens equal first: {same}", flush=True)
+                with open(out, "w") as f:
+                    json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
