@@ -11,15 +11,12 @@ bash bench/dev_setup.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-# 1. issue 4's unmet targets: the pipelined tensor-core weight stream (batch 8) A/B, and where a step's time goes
-timeout 150 python bench/ab_step.py "$OUT/ab_pipe.json" llama3_2_1b,qwen3_8b 8 MPKIR_MMA_PIPE=0 MPKIR_MMA_PIPE=2 MPKIR_MMA_PIPE=3
-timeout 90 python bench/trace_summary.py llama3_2_1b 1 2>&1 | tee "$OUT/trace_summary.txt"
-# 2. the GPU tests: in-kernel sampling (mk_sample, resident output mode 2), in-kernel KV pages
+# 1. the GPU tests: in-kernel sampling (mk_sample, resident output mode 2), in-kernel KV pages
 #    (mk_pages.cuh, kernel_pages=True), the multi-step kernel's mk_walk, the shared host helpers
 timeout 230 python -m pytest -q -m gpu tests/test_gpu_megakernel.py tests/test_gpu_persistent.py \
   tests/test_gpu_step_backend.py tests/test_superopt_megakernel.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
-# 3. the found split-KV paged attention forced into the real megakernel (issue 5)
+# 2. the found split-KV paged attention forced into the real megakernel (issue 5)
 timeout 70 python bench/superopt_megakernel_check.py --force decode_attention --models qwen3_0_6b \
   --out "$OUT/superopt_mk_attn_qwen3_0_6b.json" 2>&1 | tail -6
-# 4. sampled generation throughput: host sampling vs in-kernel sampling vs in-kernel sampling + KV pages
+# 3. sampled generation throughput: host sampling vs in-kernel sampling vs in-kernel sampling + KV pages
 timeout 100 python bench/engine_bench.py "$OUT/engine_sampled.json" llama3_2_1b 1,8 --sampled 2>&1 | tail -4

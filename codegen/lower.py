@@ -529,6 +529,7 @@ class _Lowerer:
         mode_mma = os.environ.get("MPKIR_MMA", "auto")
         mma = K % 32 == 0 and (mode_mma == "1" or (mode_mma == "auto" and self.B > 2))
         pipe = int(os.environ.get("MPKIR_MMA_PIPE", "0"))  # mk_linear_mma's weight stream: bits 1 and 2
+        gemv_pipe = int(os.environ.get("MPKIR_GEMV_PIPE", "0"))  # mk_linear's: 1 double-buffers it
 
         def mma_smem(ng: int) -> int:  # x of 8*ng tokens, split-K partials, rmsnorm reduction
             return TILE_B * ng * (K + 32) * 2 + ng * NWARP * 128 * 4 + NWARP * TILE_B * 4
@@ -561,7 +562,7 @@ class _Lowerer:
             else:
                 u = max(1, min(8, math.ceil(K / 8 / max(1, NWARP // max(r, 1)) / 32)))
                 u = 1 << (u - 1).bit_length()
-                variant = f"mk_linear<{min(u, 8)}>"
+                variant = f"mk_linear<{min(u, 4 if gemv_pipe else 8)},{gemv_pipe}>"  # pipe: 2 buffers
             tasks.append(Task(variant, tp, ta, cost=r * K * 2 + 4096, prefetch=(W, n0 * K * 2, r * K * 2)))
         writes = [out] + ([part] if part else [])
         self.add_op(res_name, "linear", tasks, reads, writes)

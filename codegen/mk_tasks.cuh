@@ -135,7 +135,21 @@ __device__ __forceinline__ float mk_load_out(const MkTask& t, size_t o) {
   return t.a[25] ? __ldcg((const float*)t.p[2] + o) : mk_ld_bf16((const __nv_bfloat16*)t.p[2] + o);
 }
 
+// U 16-byte weight loads per lane of row r at K iteration i (zeros past the row's K segment [c1) or R).
 template <int U>
+__device__ __forceinline__ void mk_gemv_load(const __nv_bfloat16* W, int K, int R, int r, int c, int c1,
+                                             uint4 (&w)[U]) {
+  const __nv_bfloat16* wr = W + (size_t)r * K;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int cc = c + 32 * u;
+    w[u] = (r < R && cc < c1) ? mk_ld_weight(wr + cc * 8) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// P = 1 double-buffers the weight stream: the loads of a warp's next (row, K iteration) are issued before
+// the current one's FMAs and warp sums (same arithmetic as P = 0).
+template <int U, int P>
 __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
   const int K = t.a[16], R = t.a[17], NS = t.a[18], epi = t.a[22];
   __nv_bfloat16* xs = (__nv_bfloat16*)smem;                           // [MK_TILE_B][K]
@@ -147,40 +161,32 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
   const int kseg = warp % KS, rgrp = warp / KS, rstep = MK_NWARP / KS;
   const int cps = (nchunk + KS - 1) / KS;
   const int c0 = kseg * cps, c1 = min(nchunk, c0 + cps);
+  const int cstep = 32 * U;
   const __nv_bfloat16* W = (const __nv_bfloat16*)t.p[1];
   // issue the first row pass of weight loads before the dependency wait (weights never depend on it)
-  uint4 wpre[U];
-  {
-    const __nv_bfloat16* wr = W + (size_t)rgrp * K;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int cc = c0 + lane + 32 * u;
-      wpre[u] = (rgrp < R && cc < c1) ? mk_ld_weight(wr + cc * 8) : make_uint4(0, 0, 0, 0);
-    }
-  }
+  uint4 w[U], wn[U] = {};
+  mk_gemv_load<U>(W, K, R, rgrp, c0 + lane, c1, w);
+  bool have = true;  // w holds the warp's first (row, K iteration)
   if (!mk_block_wait(t)) return;
-  bool first = true;
   for (int b0 = 0; b0 < B; b0 += MK_TILE_B) {
     const int nb = min(MK_TILE_B, B - b0);
     mk_stage_x(t, b0, nb, xs, K, red);
     __syncthreads();
     // ---- main loop: each warp streams rows (or a K-segment of one row) with U 16-byte loads in flight
     for (int r = rgrp; r < R; r += rstep) {
-      const __nv_bfloat16* wr = W + (size_t)r * K;
       float acc[MK_TILE_B];
 #pragma unroll
       for (int b = 0; b < MK_TILE_B; ++b) acc[b] = 0.f;
-      for (int c = c0 + lane; c < c1; c += 32 * U) {
-        uint4 w[U];
-        if (first) {
-#pragma unroll
-          for (int u = 0; u < U; ++u) w[u] = wpre[u];
-          first = false;
-        } else {
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const int cc = c + 32 * u;
-            w[u] = cc < c1 ? mk_ld_weight(wr + cc * 8) : make_uint4(0, 0, 0, 0);
+      for (int c = c0 + lane; c < c1; c += cstep) {
+        if (!have) mk_gemv_load<U>(W, K, R, r, c, c1, w);
+        have = false;
+        if (P & 1) {  // the next (row, K iteration) of this warp, in this pass or the next token pass's first
+          const bool row_end = c + cstep >= c1;
+          const int nr = row_end ? r + rstep : r, nc = row_end ? c0 + lane : c + cstep;
+          if (nr < R) {
+            mk_gemv_load<U>(W, K, R, nr, nc, c1, wn);
+          } else if (b0 + MK_TILE_B < B) {
+            mk_gemv_load<U>(W, K, R, rgrp, c0 + lane, c1, wn);
           }
         }
 #pragma unroll
@@ -200,9 +206,15 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
             }
           }
         }
+        if (P & 1) {
+#pragma unroll
+          for (int u = 0; u < U; ++u) w[u] = wn[u];
+          have = true;
+        }
       }
 #pragma unroll
-      for (int b = 0; b < MK_TILE_B; ++b) acc[b] = mk_warp_sum(acc[b]);
+      for (int b = 0; b < MK_TILE_B; ++b)
+        if (b < nb) acc[b] = mk_warp_sum(acc[b]);  // warp-uniform: no shuffles for empty token slots
       if (KS == 1) {
         if (lane < nb) {
           float v = acc[0];
