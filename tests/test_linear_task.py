@@ -16,7 +16,7 @@ NT = 128
 # mk_linear_mma<U, NG, P>: P bit 1 double-buffers the weight stream, bit 2 loads before the wait
 VARIANTS = ["mk_linear_mma<4,1,0>", "mk_linear_mma<4,1,2>", "mk_linear_mma<2,1,0>", "mk_linear_mma<2,1,1>",
             "mk_linear_mma<2,1,3>", "mk_linear<8,0>", "mk_linear<8,1>", "mk_linear<4,1>"]
-# same U: same products in each mma, same sums; mk_linear's lanes sum the same chunks in the same order for any U
+# same U: same products in each mma, same sums; mk_linear's lanes sum the same chunks in one order for any U
 SAME_BITS = [(0, 1), (2, 3), (2, 4), (5, 6), (5, 7)]
 POISON = 0x7FC1  # a NaN no body writes
 
