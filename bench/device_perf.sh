@@ -8,4 +8,4 @@ mkdir -p "$OUT"
 timeout 170 python bench/ab_step.py "$OUT/ab_gemv.json" llama3_2_1b,qwen3_8b 1 MPKIR_GEMV_PIPE=0 MPKIR_GEMV_PIPE=1
 timeout 200 python bench/ab_step.py "$OUT/ab_mma.json" llama3_2_1b,qwen3_8b 8 MPKIR_MMA_PIPE=0 MPKIR_MMA_PIPE=2 \
   MPKIR_MMA_PIPE=3
-timeout 80 python bench/trace_summary.py llama3_2_1b 1 2>&1 | tee "$OUT/trace_summary.txt"
+timeout 120 python bench/trace_summary.py llama3_2_1b,qwen3_8b 1,8 2>&1 | tee "$OUT/trace_summary.txt"
