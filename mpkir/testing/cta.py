@@ -130,6 +130,7 @@ struct MkCpuCta {
   std::unique_ptr<MkBarrier> warp[MK_NWARP];
   alignas(16) unsigned char xch[MK_NT][8];
   unsigned frag[MK_NT][6];
+  float red[2][MK_NT];  // mk_cpu_butterfly's exchanges
 };
 static MkCpuCta* mk_cpu_cta;
 static inline void __syncwarp(unsigned = 0xffffffffu) {
@@ -143,6 +144,31 @@ template <class T> static inline T __shfl_xor_sync(unsigned, T v, int off) {
   std::memcpy(&r, mk_cpu_cta->xch[(t & ~31) | ((t & 31) ^ off)], sizeof(T));
   __syncwarp();
   return r;
+}
+// A warp's xor-butterfly reduction (offsets 16, 8, .., 1: mk_warp_sum, and mkso_warp_sum / mkso_warp_max of
+// the found bodies) from ONE exchange: each lane replays the butterfly on the warp's 32 values (the same
+// operations in the same order, so the shuffles' result bit for bit) -- one warp barrier instead of 10. The
+// exchange alternates between two buffers: a lane writes one again only after the next call's barrier, which
+// every lane reaches after reading it.
+static thread_local int mk_cpu_red_k;
+template <class F> static inline float mk_cpu_butterfly(float v, F op) {
+  const int t = threadIdx.x;
+  float* r = mk_cpu_cta->red[mk_cpu_red_k ^= 1];
+  r[t] = v;
+  __syncwarp();
+  float a[32], b[32];
+  for (int l = 0; l < 32; ++l) a[l] = r[(t & ~31) | l];
+  for (int o = 16; o > 0; o >>= 1) {
+    for (int l = 0; l < 32; ++l) b[l] = op(a[l], a[l ^ o]);
+    std::memcpy(a, b, sizeof a);
+  }
+  return a[t & 31];
+}
+static inline float mk_cpu_warp_sum(float v) {
+  return mk_cpu_butterfly(v, [](float x, float y) { return x + y; });
+}
+static inline float mk_cpu_warp_max(float v) {
+  return mk_cpu_butterfly(v, [](float x, float y) { return fmaxf(x, y); });
 }
 // mma.sync.m16n8k16.row.col f32 += bf16 x bf16 of the warp: a0 (row g, k 2q..2q+1), a1 (row g+8), a2 (row g,
 // k 2q+8..), a3 (row g+8, k 2q+8..); b0 (k 2q..2q+1, col g), b1 (k 2q+8..); c0,c1 (row g, cols 2q, 2q+1),
@@ -191,10 +217,7 @@ static inline void mk_unpack8(uint4 v, float* f) {
     f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
 }
-static inline float mk_warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+static inline float mk_warp_sum(float v) { return mk_cpu_warp_sum(v); }
 static inline float mk_af(const MkTask& t, int i) { return __int_as_float(t.a[i]); }
 """
 

@@ -49,6 +49,10 @@ PRELUDE = r"""// superopt: generic block-program task bodies (mpkir.passes.super
 #define MKSO_LANE ((int)threadIdx.x & 31)
 #define MKSO_WARP ((int)threadIdx.x >> 5)
 #define MKSO_NWARP (MKSO_NT / 32)
+#ifdef MK_CPU_EMULATION  // the same butterfly, replayed from one exchange (mpkir.testing.cta)
+#define mkso_warp_sum mk_cpu_warp_sum
+#define mkso_warp_max mk_cpu_warp_max
+#else
 __device__ __forceinline__ float mkso_warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -59,6 +63,7 @@ __device__ __forceinline__ float mkso_warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
+#endif
 __device__ __forceinline__ float mkso_ld(const __nv_bfloat16* p) {
   unsigned short u = __ldcg((const unsigned short*)p);
   return __uint_as_float(((unsigned)u) << 16);
