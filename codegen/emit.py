@@ -2,7 +2,8 @@
 
 A plan with found programs in it (:class:`~mpkir.codegen.superopt_tasks.SuperoptPlan`) also gets their bodies,
 emitted by the superoptimizer's generic emitter (:mod:`mpkir.passes.superopt.cuda`), each behind a task
-adapter, plus the glue bodies its rewrite uses (``mk_so_rope_table``): still one kernel, one dispatch.
+adapter, plus the glue bodies its rewrite uses (``mk_so_rope_table``, ``mk_so_argmax_tile``): still one
+kernel, one dispatch.
 """
 
 from __future__ import annotations
@@ -49,6 +50,54 @@ __device__ void mk_so_rope_table(const MkTask& t, int it, int B, char* smem) {
 }
 """
 
+# Argmax stage 1 over a tile of bf16 logits a found lm_head body wrote (the epilogue mk_linear fuses, flag 2):
+# per live token b, the (max, first index) of columns [n0, n0 + R) into this tile's partials, as mk_linear
+# writes them for mk_argmax_final; ties and NaN as there (strictly greater wins, equal values keep the lower
+# index). Block-wide steps only: each thread's candidate, then a tree in shared memory (2 * MKSO_NT words).
+# p2 logits at column n0 (row stride a18), p6 partials {float, int}[maxB]; a17 R, a23 n0 (the parameters of
+# the hand-written tile it stands for).
+SO_ARGMAX_SMEM = 2 * 4 * NT
+SO_ARGMAX = r"""
+static_assert((MKSO_NT & (MKSO_NT - 1)) == 0, "so_argmax_tile: a power-of-two CTA");
+__device__ void so_argmax_tile(const __nv_bfloat16* lg, int R, int NS, int n0, float* part, int B,
+                               char* smem) {
+  float* sv = (float*)smem;
+  int* si = (int*)(sv + MKSO_NT);
+  const int me = MKSO_TID;
+  for (int b = 0; b < B; ++b) {
+    float best = MKSO_NEG_INF;
+    int bi = 0x7fffffff;
+    for (int r = me; r < R; r += MKSO_NT) {
+      const float v = mkso_ld(lg + (long)b * NS + r);
+      if (v > best || (v == best && r < bi)) { best = v; bi = r; }
+    }
+    sv[me] = best;
+    si[me] = bi;
+    MKSO_SYNC();
+    for (int s = MKSO_NT / 2; s > 0; s >>= 1) {
+      if (me < s) {
+        const float v = sv[me + s];
+        const int i = si[me + s];
+        if (v > sv[me] || (v == sv[me] && i < si[me])) { sv[me] = v; si[me] = i; }
+      }
+      MKSO_SYNC();
+    }
+    if (me == 0) { part[2 * b] = sv[0]; ((int*)part)[2 * b + 1] = si[0] + n0; }
+    MKSO_SYNC();
+  }
+}
+"""
+SO_ARGMAX_CALL = (
+    "so_argmax_tile((const __nv_bfloat16*)t.p[2], t.a[17], t.a[18], t.a[23], (float*)t.p[6], B, smem)"
+)
+SO_ARGMAX_ADAPTER = f"""
+__device__ void mk_so_argmax_tile(const MkTask& t, int it, int B, char* smem) {{
+  if (!mk_block_wait(t)) return;
+  {SO_ARGMAX_CALL};
+}}
+"""
+_GLUE = {"mk_so_rope_table": SO_GLUE + SO_GLUE_ADAPTER, "mk_so_argmax_tile": SO_ARGMAX + SO_ARGMAX_ADAPTER}
+
 
 def _read(name: str) -> str:
     return resources.files("mpkir.codegen").joinpath(name).read_text(encoding="utf-8")
@@ -64,7 +113,7 @@ def so_bodies(plan: Plan) -> list:
     from mpkir.passes.superopt.program import parse_program
 
     return [
-        emit_body(parse_program(v.program), dict(v.dtypes), v.func)
+        emit_body(parse_program(v.program), dict(v.dtypes), v.func, v.strided)
         for v in getattr(plan, "so_variants", ())
         if getattr(v, "form", "block") == "block"
     ]
@@ -83,17 +132,16 @@ def so_paged_sources(plan: Plan) -> list[str]:
 
 
 def so_adapter(body) -> str:
-    """A found body as a megakernel task: pointers ``t.p[0..]`` (inputs then outputs), tile ``t.a[16]``; a
-    tile whose first token ``t.a[17]`` is not live this launch returns at once (as hand-written bodies do)."""
-    args = [
-        f"({q.ctype}*)t.p[{k}]" if q.output else f"(const {q.ctype}*)t.p[{k}]"
-        for k, q in enumerate(body.params)
-    ]
+    """A found body as a megakernel task: pointers ``t.p[0..]`` (inputs then outputs), strided outputs' row
+    strides ``t.a[18..]``, tile ``t.a[16]``; a tile whose first token ``t.a[17]`` is not live this launch
+    returns at once (as hand-written bodies do)."""
+    from mpkir.passes.superopt.cuda import task_args
+
     return (
         f"__device__ void mk_{body.func}(const MkTask& t, int it, int B, char* smem) {{\n"
         f"  if (!mk_block_wait(t)) return;\n"
         f"  if (t.a[17] >= B) return;\n"
-        f"  {body.func}({', '.join([*args, 't.a[16]', 'smem'])});\n}}\n"
+        f"  {body.func}({', '.join(task_args(body))});\n}}\n"
     )
 
 
@@ -101,14 +149,12 @@ def so_source(plan: Plan) -> str:
     """The found bodies, their adapters and the glue the plan uses ('' for a hand-written-only plan)."""
     bodies = so_bodies(plan)
     paged = so_paged_sources(plan)
-    glue = "mk_so_rope_table" in plan.variants
+    glue = [g for v, g in _GLUE.items() if v in plan.variants]
     if not bodies and not glue and not paged:
         return ""
     from mpkir.passes.superopt.cuda import PRELUDE
 
-    out = [PRELUDE]
-    if glue:
-        out += [SO_GLUE, SO_GLUE_ADAPTER]
+    out = [PRELUDE, *glue]
     for b in bodies:
         out += [b.source, so_adapter(b)]
     out += paged

@@ -15,7 +15,19 @@ computes the same function (``extend=True``, the default; ``extend=False`` skips
     table (llama3 scaling included) exactly as ``mk_head_norm_rope`` computes its angles;
   * the k head-norm+rope task also appends k/v to the paged cache: a ``mk_kv_append`` op follows it;
   * act_down under a fused residual add (``x_out = h + down(silu(gate)·up)``): the found body writes
-    ``mlp_out`` to a scratch buffer and an ``mk_eltwise`` add op writes ``x_out``.
+    ``mlp_out`` to a scratch buffer and an ``mk_eltwise`` add op writes ``x_out``;
+  * the lm_head's argmax epilogue (``mk_linear`` flag 2): the found norm_linear body writes the logits and a
+    ``mk_so_argmax_tile`` op writes each hand-written tile's (max, first index) partials from them, so
+    ``mk_argmax_final`` is unchanged.
+norm_linear (RMSNorm -> the bias-free linears reading it, the norm moved after the matmul): the program has
+ONE weight [N, K] and ONE output [M, N] in column tiles of a 1-D grid; the plan has one mode-1 linear op per
+linear (q/k/v, gate/up: merged by the search along N, in statement order; the lm_head alone). Each linear's op
+becomes the program's tiles over its rows, numbered from 0, with that linear's weight and output pointers;
+a merged program's body takes the output row stride as a task argument (``emit_body(..., strided=("y",))``,
+``a[18]``), the same body serving every linear of the instance. Tiles must lie inside one linear: where the
+found grid's tiles straddle a boundary (Llama-3.2-1B's q|k at 2048 under 24-row tiles), ``extend`` regrids
+the same program to the aligned tile size nearest the found one (another grid of the same proved structure;
+the decision says so), ``extend=False`` skips the instance.
 decode_attention: the found split-KV program, in its paged form (``paged(k, v)``, passes/superopt/paged.py:
 rows gathered through the page table up to each token's position, masked tail, padding tokens 0; the tiling
 proved by finite field + Z3 on small instances before use), takes over ``mk_attention``'s tasks one for one
@@ -32,7 +44,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +59,7 @@ PROGRAMS_JSON = Path(__file__).resolve().parent.parent / "bench" / "superopt_pro
 ENV_VAR = "MPKIR_SUPEROPT"  # "1": bench/superopt_programs.json; a path: that JSON; unset/"0": off
 ENV_FORCE = "MPKIR_SUPEROPT_FORCE"  # comma-separated kinds applied whatever their decision (testing)
 ROPE_TABLE = "mk_so_rope_table"
+ARGMAX_TILE = "mk_so_argmax_tile"
 KINDS = ("headnorm_rope", "act_down", "decode_attention", "norm_linear")
 
 
@@ -58,6 +73,7 @@ class SoVariant:
     dtypes: tuple[tuple[str, str], ...]
     smem_bytes: int
     form: str = "block"  # "block": emit_body + so_adapter; "paged_attention": passes/superopt/paged.py
+    strided: tuple[str, ...] = ()  # outputs whose row stride is the task argument a[18 + k] (emit_body)
 
 
 @dataclass(frozen=True)
@@ -238,6 +254,14 @@ def _instances(gr: _Graph, kind: str) -> list[tuple[ir.OpStmt, ...]]:
                 out.append((s, u))
         elif kind == "decode_attention" and s.op == "paged_attention":
             out.append((s,))
+        elif kind == "norm_linear" and s.op == "rmsnorm":
+            lins = [
+                u
+                for u in gr.users.get(s.results[0], [])
+                if isinstance(u, ir.OpStmt) and u.op == "linear" and len(u.operands) == 2
+            ]
+            if lins:  # (the partitioner's: every bias-free linear reading it, in statement order)
+                out.append((s, *lins))
         elif kind == "act_down" and s.op == "silu_mul" and len(s.operands) == 2:
             u = gr.single_user(s.results[0])
             if u is not None and u.op == "linear" and u.operands[0] == ir.ValueRef(s.results[0]):
@@ -246,6 +270,33 @@ def _instances(gr: _Graph, kind: str) -> list[tuple[ir.OpStmt, ...]]:
 
 
 # ------------------------------------------------------------------ the rewrite
+@dataclass(frozen=True)
+class _Seg:
+    """One linear of a norm_linear instance: its plan op, weight, output, rows, epilogue flags (0, or 2:
+    argmax stage 1) and hand-written tiles (row order)."""
+
+    op: int
+    w: str
+    out: str
+    rows: int
+    epi: int
+    tiles: tuple
+
+
+def _norm_linear_tiling(prog, M: int, K: int, N: int) -> None:
+    """``prog`` reads x [M, K], g [K], w [N, K] and writes y [M, N] in column tiles: a 1-D grid splitting the
+    rows of w and the columns of y, every task reading the whole x and g."""
+    ins, outs = _sig(prog)
+    shp = {n: tuple(v.shape) for n, v in ins.items()}
+    if shp != {"x": (M, K), "g": (K,), "w": (N, K)} or [(o.name, tuple(o.shape)) for o in outs.values()] != [
+        ("y", (M, N))
+    ]:
+        raise _Skip(f"program {prog.name}: tensors {shp} do not match norm_linear [{M},{K}]x[{N},{K}]")
+    maps = (len(prog.grid), ins["x"].imap, ins["g"].imap, ins["w"].imap, outs["y"].omap)
+    if maps != (1, (-1,), (-1,), (0,), (1,)):
+        raise _Skip(f"program {prog.name}: grid {prog.grid} with maps {maps[1:]} is not column tiles of y")
+
+
 @dataclass
 class _New:
     """An op of the rewritten plan; deps are ('old', op index) or ('new', op name), with a lag."""
@@ -269,6 +320,7 @@ class _Rewriter:
     table_after: int = -1
     decisions: list[Decision] = field(default_factory=list)
     proofs: dict[str, dict] = field(default_factory=dict)
+    smem_floor: int = 0  # shared memory the glue bodies need
 
     # ---- helpers
     def producer(self, i: int, buf: str):
@@ -280,39 +332,50 @@ class _Rewriter:
     def _refs(self, i: int, buf: str) -> bool:
         return any(b == buf for t in self.plan.ops[i].tasks for b, _ in t.p.values())
 
-    def variant(self, prog, dtypes: dict[str, str]) -> SoVariant:
+    def variant(self, prog, dtypes: dict[str, str], strided: tuple[str, ...] = ()) -> SoVariant:
+        """The plan's variant of ``prog`` (``strided``: outputs whose row stride is a task argument)."""
         from mpkir.passes.superopt.cuda import SMEM_LIMIT, emit_body
         from mpkir.passes.superopt.program import print_program
 
         text = print_program(prog)
-        h = hashlib.sha256((text + repr(sorted(dtypes.items()))).encode()).hexdigest()[:8]
-        func = f"so_{h}_{prog.name}"
+        key = text + repr(sorted(dtypes.items())) + (f"|strided {strided}" if strided else "")
+        func = f"so_{hashlib.sha256(key.encode()).hexdigest()[:8]}_{prog.name}"
         if func not in self.variants:
-            body = emit_body(prog, dtypes, func)
+            body = emit_body(prog, dtypes, func, strided)
             if body.smem_bytes > SMEM_LIMIT:
                 raise _Skip(
                     f"program {prog.name} needs {body.smem_bytes} B of shared memory (> {SMEM_LIMIT})"
                 )
             self.variants[func] = SoVariant(
-                "mk_" + func, func, text, tuple(sorted(dtypes.items())), body.smem_bytes
+                "mk_" + func, func, text, tuple(sorted(dtypes.items())), body.smem_bytes, strided=strided
             )
         return self.variants[func]
 
-    def so_tasks(self, prog, var: SoVariant, ptr: dict[str, tuple[str, int]], tok: tuple[str, int] | None):
-        """One task per tile whose first token is live (``tok``: an input name and its token dim)."""
+    def so_tasks(
+        self,
+        prog,
+        var: SoVariant,
+        ptr: dict[str, tuple[str, int]],
+        tok: tuple[str, int] | None,
+        tiles: range | None = None,
+        args: dict[int, int] | None = None,
+    ):
+        """One task per tile whose first token is live (``tok``: an input name and its token dim). ``tiles``:
+        only these grid tiles, numbered from ``tiles.start`` (the pointers address that part of the tensors);
+        ``args``: more task arguments (e.g. a strided output's row stride)."""
         ins, _ = _sig(prog)
         names = [i.name for i in prog.inputs] + [o.name for o in prog.outputs]
         if len(names) > 11:
             raise _Skip(f"program {prog.name}: {len(names)} tensors (a task holds 11 pointers)")
         cost = _tile_bytes(prog)
+        tiles = range(prog.ntasks) if tiles is None else tiles
         tasks = []
-        for tile in range(prog.ntasks):
+        for tile in tiles:
             t0 = _first_index(prog, ins[tok[0]], tok[1], tile) if tok else 0
             if t0 >= self.plan.batch:
                 continue
-            tasks.append(
-                Task(var.variant, {k: ptr[n] for k, n in enumerate(names)}, {16: tile, 17: t0}, cost=cost)
-            )
+            a = {16: tile - tiles.start, 17: t0, **(args or {})}
+            tasks.append(Task(var.variant, {k: ptr[n] for k, n in enumerate(names)}, a, cost=cost))
         return tasks
 
     def paged_variant(self, prog) -> SoVariant:
@@ -452,8 +515,7 @@ class _Rewriter:
             raise _Skip(f"op {op.name} is not the hand-written down-projection linear")
         if plan.max_tokens != M:
             raise _Skip(f"program has M={M} tokens, the plan max_tokens={plan.max_tokens}")
-        tasks = sorted(op.tasks, key=lambda t: t.a.get(23, 0))
-        epi = {t.a.get(22, 0) for t in tasks}
+        epi = {t.a.get(22, 0) for t in op.tasks}
         if len(epi) != 1 or epi - {0, 1}:
             raise _Skip(f"op {op.name}: epilogue flags {sorted(epi)} (argmax epilogue: the program has none)")
         epi = epi.pop()
@@ -471,31 +533,11 @@ class _Rewriter:
                 )
         else:
             resid, out = None, gr.buf(ir.ValueRef(lin.results[0]))
-        n0 = 0
-        for t in tasks:
-            r = t.a.get(17, 0)
-            ok = (
-                (t.variant.startswith("mk_linear<") or t.variant.startswith("mk_linear_mma<"))
-                and t.p.get(0) == (gate, 0)
-                and t.p.get(5) == (up, 0)
-                and t.p.get(1) == (wd, n0 * F * 2)
-                and t.p.get(2) == (out, n0 * 2)
-                and (resid is None or t.p.get(3) == (resid, n0 * 2))
-                and t.a.get(20) == 2
-                and t.a.get(16) == F
-                and t.a.get(19) == F
-                and t.a.get(18) == H
-                and t.a.get(23) == n0
-                and not t.a.get(25, 0)
-                and set(t.p) <= {0, 1, 2, 3, 5}
-            )
-            if not ok:
-                raise _Skip(
-                    f"op {op.name}: task {t.variant} p={t.p} a={t.a} is not silu_mul->linear tile at {n0}"
-                )
-            n0 += r
-        if n0 != H or plan.buffers[wd].shape != (H, F) or plan.buffers[gate].shape != (M, F):
-            raise _Skip(f"op {op.name}: tiles cover {n0} of {H} rows or shapes differ from the program's")
+        rows = {1: (wd, F * 2), 2: (out, 2)} | ({} if resid is None else {3: (resid, 2)})
+        args = {16: F, 19: F, 20: 2, 22: epi, 25: 0}
+        _linear_tiles(op, {0: (gate, 0), 5: (up, 0)}, rows, args, {0, 1, 2, 3, 5}, H)
+        if plan.buffers[wd].shape != (H, F) or plan.buffers[gate].shape != (M, F):
+            raise _Skip(f"op {op.name}: shapes differ from the program's")
         ins, outs = _sig(prog)
         shp = {n: tuple(v.shape) for n, v in ins.items()}
         if shp != {"gate": (M, F), "up": (M, F), "wd": (H, F)} or [
@@ -528,6 +570,106 @@ class _Rewriter:
         ]
         what = f"{len(st)} tasks of {var.variant} (grid {prog.grid}, loop {prog.loop})"
         return what + " + a mk_eltwise residual add"
+
+    def norm_linear(self, e: dict, prog, stmts, i: int) -> str:
+        """RMSNorm -> the linears reading it (one, or several the search merged along N: q/k/v, gate/up): the
+        found program's column tiles, each inside one linear's rows, become that linear's op (its weight and
+        output; a merged program's output row stride is a task argument); an argmax epilogue (lm_head)
+        becomes a glue op of per-tile argmax partials for the unchanged ``mk_argmax_final``."""
+        norm, lins = stmts[0], stmts[1:]
+        M, K, N = (e["dims"][k] for k in ("M", "K", "N"))
+        eps = float(e["consts"]["eps"])
+        if self.plan.max_tokens != M:
+            raise _Skip(f"program has M={M} tokens, the plan max_tokens={self.plan.max_tokens}")
+        if fbits(float(self.gr.attrs(norm).get("eps", 1e-6))) != fbits(eps):
+            raise _Skip(f"rmsnorm {norm.results[0]}: eps differs from the program's {eps}")
+        x, g = self.gr.buf(norm.operands[0]), self.gr.buf(norm.operands[1])
+        segs = [self.norm_linear_segment(lin, norm, x, g, K, eps) for lin in lins]
+        _norm_linear_tiling(prog, M, K, N)
+        names = [self.plan.ops[sg.op].name for sg in segs]
+        prog, note = self.segment_grid(prog, names, [sg.rows for sg in segs])
+        strided = ("y",) if len(segs) > 1 else ()
+        var = self.variant(prog, {}, strided)
+        tn, r0, new, what = N // prog.grid[0], 0, {}, []
+        for sg in segs:
+            op = self.plan.ops[sg.op]
+            tiles = range(r0 // tn, (r0 + sg.rows) // tn)
+            ptr = {"x": (x, 0), "g": (g, 0), "w": (sg.w, 0), "y": (sg.out, 0)}
+            st = self.so_tasks(prog, var, ptr, None, tiles, {18: sg.rows} if strided else None)
+            new[sg.op] = self.segment_ops(op, st, sg)
+            what.append(f"{op.name} tiles {tiles.start}-{tiles.stop - 1}")
+            r0 += sg.rows
+        self.replace.update(new)
+        glue = " + mk_so_argmax_tile partials for mk_argmax_final" if segs[-1].epi else ""
+        return f"{var.variant} (grid {prog.grid}, loop {prog.loop}): {', '.join(what)}{glue}{note}"
+
+    def norm_linear_segment(self, lin, norm, x: str, g: str, K: int, eps: float) -> _Seg:
+        """One linear of a norm_linear instance: its hand-written op (rmsnorm prologue, mode 1), checked."""
+        plan = self.plan
+        if len(lin.operands) != 2 or lin.operands[0] != ir.ValueRef(norm.results[0]):
+            raise _Skip(f"linear {lin.results[0]} does not read {norm.results[0]} as x without a bias")
+        w, out = self.gr.buf(lin.operands[1]), self.gr.buf(ir.ValueRef(lin.results[0]))
+        j = _find_op(plan, "linear", out)
+        op = plan.ops[j]
+        if j in self.replace:
+            raise _Skip(f"op {op.name} already replaced")
+        epi = op.tasks[0].a.get(22, 0)
+        if epi not in (0, 2):
+            raise _Skip(f"op {op.name}: epilogue flags {epi} (a residual add: the program has none)")
+        if epi and not self.extend:
+            raise _Skip(f"op {op.name} fuses argmax stage 1 (per-tile partials); the program does not")
+        rows = plan.buffers[w].shape[0]
+        args = {16: K, 19: K, 20: 1, 21: fbits(eps), 22: epi, 25: 0}  # bf16 (f32: a cast, not this subgraph)
+        keys = {0, 1, 2, 4} | ({6} if epi else set())
+        per_row = {1: (w, K * 2), 2: (out, 2)}
+        tiles = _linear_tiles(op, {0: (x, 0), 4: (g, 0)}, per_row, args, keys, rows)
+        if epi and any(t.p[6] != (tiles[0].p[6][0], k * plan.max_tokens * 8) for k, t in enumerate(tiles)):
+            raise _Skip(f"op {op.name}: argmax partials are not one [maxB] block per tile in row order")
+        M = plan.max_tokens
+        if [plan.buffers[b].shape for b in (x, w, out)] != [(M, K), (rows, K), (M, rows)]:
+            raise _Skip(f"op {op.name}: buffers are not x [{M},{K}], w [{rows},{K}], y [{M},{rows}]")
+        return _Seg(j, w, out, rows, epi, tuple(tiles))
+
+    def segment_grid(self, prog, names: list[str], widths: list[int]) -> tuple:
+        """(program, note): ``prog`` when each of its column tiles lies inside one linear's rows; else (with
+        ``extend``) the same program on the grid of aligned tiles nearest the found size (another candidate of
+        the search for this structure), or _Skip."""
+        from mpkir.passes.superopt.program import validate
+
+        N = sum(widths)
+        tn = N // prog.grid[0]
+        cuts = list(itertools.accumulate(widths))[:-1]
+        bad = [f"{a}|{b} at row {c}" for a, b, c in zip(names[:-1], names[1:], cuts, strict=True) if c % tn]
+        if not bad:
+            return prog, ""
+        why = f"grid({prog.grid[0]}): its {tn}-row tiles straddle {', '.join(bad)}"
+        if not self.extend:
+            raise _Skip(why)
+        common = math.gcd(*widths)
+        sizes = [d for d in range(1, common + 1) if common % d == 0]
+        t = min(sizes, key=lambda d: (abs(math.log(d / tn)), d))
+        new = dataclasses.replace(prog, grid=(N // t,))
+        validate(new)
+        return new, f"; the found {why}: regridded to grid({N // t}) ({t}-row tiles)"
+
+    def segment_ops(self, op: Op, tasks: list[Task], sg: _Seg) -> list[_New]:
+        """The ops replacing one linear: the found body's tiles (the linear's events), then, for an argmax
+        epilogue, the glue op writing the hand-written tiles' argmax partials from the logits."""
+        deps = [(("old", d), lag) for d, lag in op.deps]
+        if not sg.epi:
+            return [_New(op.name, "so_norm_linear", tasks, deps)]
+        from mpkir.codegen.emit import SO_ARGMAX_SMEM
+
+        self.smem_floor = max(self.smem_floor, SO_ARGMAX_SMEM)
+        glue = [
+            Task(ARGMAX_TILE, {2: t.p[2], 6: t.p[6]}, {k: t.a[k] for k in (17, 18, 23)},
+                 cost=t.a[17] * self.plan.batch * 2)
+            for t in sg.tiles
+        ]
+        return [
+            _New(op.name + ".so", "so_norm_linear", tasks, deps),
+            _New(op.name, "argmax_tile", glue, [(("new", op.name + ".so"), 0)]),
+        ]
 
     def decode_attention(self, e: dict, fused, stmts, i: int) -> str:
         """The found split-KV program's body over the paged cache (passes/superopt/paged.py) in place of
@@ -574,6 +716,31 @@ class _Rewriter:
         )
 
 
+def _linear_tiles(op: Op, fixed: dict, rows: dict, args: dict[int, int], keys: set[int], N: int) -> list:
+    """The hand-written linear op's tiles in row order, every field checked: a ``mk_linear`` /
+    ``mk_linear_mma`` tile at row n0 with the pointers ``fixed``, the pointers ``rows`` (buffer, bytes per
+    row) at row n0, no other pointer than ``keys``, the arguments ``args`` (absent = 0), out stride a18 = N
+    and a23 = n0; together the tiles cover rows [0, N)."""
+    if op.kind != "linear" or op.jit:
+        raise _Skip(f"op {op.name} is a {op.kind} op, not a hand-written linear")
+    tasks = sorted(op.tasks, key=lambda t: t.a.get(23, 0))
+    n0 = 0
+    for t in tasks:
+        want = {**fixed, **{k: (b, n0 * per_row) for k, (b, per_row) in rows.items()}}
+        ok = (
+            t.variant.startswith(("mk_linear<", "mk_linear_mma<"))
+            and all(t.p.get(k) == v for k, v in want.items())
+            and set(t.p) <= keys
+            and all(t.a.get(k, 0) == v for k, v in {**args, 18: N, 23: n0}.items())
+        )
+        if not ok:
+            raise _Skip(f"op {op.name}: task {t.variant} p={t.p} a={t.a} is not the linear tile at row {n0}")
+        n0 += t.a.get(17, 0)
+    if n0 != N:
+        raise _Skip(f"op {op.name}: tiles cover {n0} of {N} rows")
+    return tasks
+
+
 def _find_op(plan: Plan, kind: str, writes: str) -> int:
     """The one op of ``kind`` whose every task writes ``writes`` as its output pointer (p[2])."""
     hits = [
@@ -596,6 +763,8 @@ def _instance_op(rw: _Rewriter, kind: str, stmts) -> int:
         if len(hits) != 1:
             raise _Skip(f"{len(hits)} attention ops of the plan are named {name}")
         return hits[0]
+    if kind == "norm_linear":  # the first linear's op (norm_linear finds the others)
+        return _find_op(rw.plan, "linear", gr.buf(ir.ValueRef(stmts[1].results[0])))
     lin = stmts[1]
     user = gr.single_user(lin.results[0])
     try:
@@ -605,12 +774,6 @@ def _instance_op(rw: _Rewriter, kind: str, stmts) -> int:
             raise
         out = gr.buf(ir.ValueRef(user.results[0]))
     return _find_op(rw.plan, "linear", out)
-
-
-_KIND_SKIP = {
-    "norm_linear": "the program reads one weight [N, K] and writes one [M, N] output; the plan keeps the "
-    "linears' separate weights and outputs (q/k/v, gate/up) or fuses an argmax epilogue (lm_head)",
-}
 
 
 def apply_found_programs(
@@ -633,7 +796,6 @@ def apply_found_programs(
     entries = load_programs() if programs is None else list(programs)
     gr = _Graph(module, plan)
     rw = _Rewriter(plan, gr, extend)
-    done: set[int] = set()
     here = _subgraphs(module)
     for e in entries:
         kind, dims = e.get("kind", "?"), _dims_str(e)
@@ -644,10 +806,7 @@ def apply_found_programs(
                 Decision(kind, dims, "", "", False, f"not applied by the search: {e.get('decision', '')}")
             )
             continue
-        if kind in _KIND_SKIP:
-            rw.decisions.append(Decision(kind, dims, "", "", False, _KIND_SKIP[kind]))
-            continue
-        if kind not in ("headnorm_rope", "act_down", "decode_attention"):
+        if kind not in KINDS:
             rw.decisions.append(Decision(kind, dims, "", "", False, f"unknown subgraph kind {kind!r}"))
             continue
         try:
@@ -665,12 +824,11 @@ def apply_found_programs(
             try:
                 i = _instance_op(rw, kind, stmts)
                 opname = plan.ops[i].name
-                if not _dims_match(rw, kind, e, i):
+                if not _dims_match(rw, kind, e, i, stmts):
                     continue  # another entry's instance (e.g. the k rope of a q-rope entry)
-                if i in done:
+                if i in rw.replace:
                     raise _Skip(f"op {opname} already replaced")
                 why = getattr(rw, kind)(e, prog, stmts, i)
-                done.add(i)
                 rw.decisions.append(Decision(kind, dims, inst, opname, True, why))
             except (_Skip, ProgramError) as ex:
                 rw.decisions.append(Decision(kind, dims, inst, opname, False, str(ex)))
@@ -697,10 +855,15 @@ def _occurs(e: dict, sgs: list) -> bool:
     return False
 
 
-def _dims_match(rw: _Rewriter, kind: str, e: dict, i: int) -> bool:
-    """Whether plan op ``i`` has the entry's sizes (the search ran per distinct subgraph signature)."""
+def _dims_match(rw: _Rewriter, kind: str, e: dict, i: int, stmts) -> bool:
+    """Whether plan op ``i`` (for norm_linear: the instance's weights) has the entry's sizes (the search ran
+    per distinct subgraph signature)."""
     t = rw.plan.ops[i].tasks[0]
     d = e["dims"]
+    if kind == "norm_linear":  # (and as many linears: the q/k/v and gate/up of a model may have one size)
+        shapes = [rw.plan.buffers[rw.gr.buf(s.operands[1])].shape for s in stmts[1:]]
+        sizes = ({k for _, k in shapes}, sum(n for n, _ in shapes), len(shapes))
+        return sizes == ({d["K"]}, d["N"], e.get("outs", len(shapes)))
     if kind == "headnorm_rope":
         return (t.a.get(16), t.a.get(17)) == (d["Hh"], d["D"])
     if kind == "act_down":
@@ -740,7 +903,7 @@ def _rebuild(plan: Plan, rw: _Rewriter) -> SuperoptPlan:
     lists = place(ops, plan.num_sms)
     base = {f.name: getattr(plan, f.name) for f in dataclasses.fields(Plan)}
     buffers = {**plan.buffers, **rw.buffers}
-    smem = max([plan.smem_bytes] + [v.smem_bytes for v in rw.variants.values()])
+    smem = max([plan.smem_bytes, rw.smem_floor] + [v.smem_bytes for v in rw.variants.values()])
     base.update(
         buffers=buffers,
         ops=ops,

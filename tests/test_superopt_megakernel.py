@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpkir.codegen.emit import SO_GLUE, emit_cuda, so_bodies, so_source
+from mpkir.codegen.emit import SO_ARGMAX, SO_ARGMAX_CALL, SO_GLUE, emit_cuda, so_bodies, so_source
 from mpkir.codegen.lower import lower
 from mpkir.codegen.superopt_tasks import (
     ROPE_TABLE,
@@ -44,6 +44,8 @@ def _plans(name, batch, force=(), extend=True):
 
 
 QF = ("headnorm_rope", "act_down")  # forced: the calibrated cost model applies none of them (see below)
+NL = ("norm_linear",)
+LAYERS = {"qwen3_0_6b": 28, "llama3_2_1b": 16}
 
 
 def _grid(kind, **dims):
@@ -131,14 +133,26 @@ def test_strict_mode_skips_what_needs_glue():
     assert not any(o.kind in ("kv_append", "add") for o in p.ops)
 
 
-def test_a_program_that_does_not_match_is_skipped_with_a_reason():
+def _renamed_input(kind, dims, old, new, force):
+    """Qwen3's plan with the entry of ``kind`` whose dims end in ``dims`` given a program whose input ``old``
+    is named ``new``; every instance of that entry is checked skipped (the tensors do not match)."""
     entries = copy.deepcopy(load_programs())
-    e = next(e for e in entries if e["kind"] == "headnorm_rope" and e["dims"]["Hh"] == 16)
-    e["program"] = e["program"].replace("in cos:", "in cs:").replace("(%xg, cos)", "(%xg, cs)")
+    mine = [e for e in entries if (e["kind"], e["model"]) == (kind, "qwen3_0_6b")]
+    e = next(e for e in mine if _dims(e).endswith(dims))
+    e["program"] = e["program"].replace(f"in {old}:", f"in {new}:").replace(f", {old})", f", {new})")
     base, _ = _plans("qwen3_0_6b", 1)
-    p = apply_found_programs(base, _module("qwen3_0_6b"), entries, force=QF)
-    q = [d for d in p.decisions if d.kind == "headnorm_rope" and d.dims.endswith("Hh=16,D=128")]
-    assert len(q) == 28 and all(not d.replaced and "do not match" in d.reason for d in q)
+    p = apply_found_programs(base, _module("qwen3_0_6b"), entries, force=force)
+    dec = [d for d in p.decisions if d.kind == kind and d.dims.endswith(dims)]
+    assert len(dec) == 28 and all(not d.replaced and "do not match" in d.reason for d in dec)
+    return p
+
+
+def _dims(e):
+    return ",".join(f"{k}={v}" for k, v in e["dims"].items())
+
+
+def test_a_program_that_does_not_match_is_skipped_with_a_reason():
+    p = _renamed_input("headnorm_rope", "Hh=16,D=128", "cos", "cs", QF)
     assert sum(o.kind == "norm_rope" for o in p.ops) == 28  # the q ropes stay hand-written
 
 
@@ -182,7 +196,14 @@ def test_logits_graph_of_the_engine():
 
 
 @pytest.mark.parametrize(
-    "name,batch,force", [("qwen3_0_6b", 1, QF), ("qwen3_0_6b", 3, QF), ("llama3_2_1b", 2, ("act_down",))]
+    "name,batch,force",
+    [
+        ("qwen3_0_6b", 1, QF),
+        ("qwen3_0_6b", 3, QF),
+        ("llama3_2_1b", 2, ("act_down",)),
+        ("qwen3_0_6b", 3, (*QF, "norm_linear")),
+        ("llama3_2_1b", 1, ("act_down", "decode_attention", "norm_linear")),
+    ],
 )
 def test_events_consistent(name, batch, force):
     base, p = _plans(name, batch, force)
@@ -221,6 +242,84 @@ def test_consumers_wait_on_the_replacement():
     assert add.tasks[0].p[0] == ("v:h_attn.5", 0) and add.tasks[0].a == {16: 1024, 17: 1024, 18: 0}
 
 
+# ------------------------------------------------------------------ norm_linear (RMSNorm -> linears)
+def _norm_linear_ops(p, d):
+    """The ops of one norm_linear decision's linears (the lm_head's found body is ``logits.so``)."""
+    names = {o.name for o in p.ops}
+    return [
+        next(o for o in p.ops if o.name == (n + ".so" if n + ".so" in names else n))
+        for n in d.instance.split(",")[1:]
+    ]
+
+
+@pytest.mark.parametrize("name", ["qwen3_0_6b", "llama3_2_1b"])
+def test_forced_norm_linear_replaces_every_instance(name):
+    """Forced, every RMSNorm -> linear(s) instance runs the found program: q/k/v and gate/up (merged along N
+    by the search) as one op per linear, holding that linear's tiles of the grid (renumbered from 0, its
+    weight, its output and row stride); the lm_head as the found body plus a glue op writing the hand-written
+    tiles' argmax partials for the unchanged mk_argmax_final."""
+    from mpkir.passes.superopt.program import parse_program
+
+    base, p = _plans(name, 1, NL)
+    L, old = LAYERS[name], {o.name: o for o in base.ops}
+    assert _count(p, "norm_linear", True) == 2 * L + 1 and _count(p, "norm_linear", False) == 0
+    kinds = [o.kind for o in p.ops]
+    assert kinds.count("so_norm_linear") == 5 * L + 1 and kinds.count("argmax_tile") == 1
+    assert not any(t.a.get(20) == 1 for o in p.ops if o.kind == "linear" for t in o.tasks)  # no rmsnorm left
+    variants = {v.variant: v for v in p.so_variants}
+    for d in (d for d in p.decisions if d.kind == "norm_linear"):
+        ops = _norm_linear_ops(p, d)
+        var = variants[ops[0].tasks[0].variant]
+        prog = parse_program(var.program)
+        assert var.strided == (("y",) if len(ops) > 1 else ())
+        assert {t.variant for o in ops for t in o.tasks} == {var.variant}
+        assert sum(len(o.tasks) for o in ops) == prog.ntasks
+        tn = prog.outputs[0].shape[1] // prog.grid[0]
+        for o in ops:
+            hand = old[o.name.removesuffix(".so")]
+            hw = hand.tasks[0]
+            rows = p.buffers[hw.p[1][0]].shape[0]
+            assert [t.a[16] for t in o.tasks] == list(range(rows // tn))
+            assert {tuple(t.p.values()) for t in o.tasks} == {(hw.p[0], hw.p[4], (hw.p[1][0], 0), hw.p[2])}
+            assert {t.a.get(18) for t in o.tasks} == {rows if len(ops) > 1 else None}
+            assert [p.ops[d].name for d, _ in o.deps] == [base.ops[d].name for d, _ in hand.deps]
+    regrid = [d for d in p.decisions if "regridded" in d.reason]
+    if name == "llama3_2_1b":  # 24-row tiles of grid(128) straddle q|k (2048) and k|v (2560): 32-row tiles
+        assert len(regrid) == L and all(
+            "straddle q." in d.reason and "regridded to grid(96)" in d.reason for d in regrid
+        )
+    else:
+        assert not regrid
+    # the argmax epilogue: the hand-written tiles' partials, from the found body's logits
+    ix = {o.name: i for i, o in enumerate(p.ops)}
+    glue, hand = p.ops[ix["logits"]], old["logits"]
+    assert glue.deps == [(ix["logits.so"], 0)] and (ix["logits"], 0) in p.ops[ix["next"]].deps
+    for t, u in zip(glue.tasks, hand.tasks, strict=True):
+        assert t.p == {2: u.p[2], 6: u.p[6]} and t.a == {17: u.a[17], 18: u.a[18], 23: u.a[23]}
+    assert p.smem_bytes == max(base.smem_bytes, *(v.smem_bytes for v in p.so_variants))
+
+
+def test_strict_norm_linear_keeps_what_needs_a_new_grid_or_glue():
+    """extend=False: Llama's q/k/v (the found grid straddles q|k) and the lm_head (argmax epilogue) keep their
+    hand-written ops, each with its reason; gate/up (aligned tiles, no epilogue) is still replaced."""
+    _, p = _plans("llama3_2_1b", 1, NL, extend=False)
+    by: dict[str, list] = {}
+    for d in (d for d in p.decisions if d.kind == "norm_linear"):
+        by.setdefault(d.instance.split(",")[1].split(".")[0], []).append(d)
+    assert all(d.replaced for d in by["gate"]) and len(by["gate"]) == 16
+    assert all(not d.replaced and "straddle q." in d.reason for d in by["q"]) and len(by["q"]) == 16
+    (lm,) = by["logits"]
+    assert not lm.replaced and "argmax" in lm.reason
+    ops = {o.name: o for o in p.ops}
+    assert ops["q.0"].kind == ops["logits"].kind == "linear" and ops["up.3"].kind == "so_norm_linear"
+
+
+def test_a_norm_linear_program_that_does_not_match_keeps_the_linears():
+    p = _renamed_input("norm_linear", "N=4096", "w", "wt", NL)
+    assert all(o.kind == "linear" for o in p.ops if o.name.split(".")[0] in ("q", "k", "v"))
+    assert _count(p, "norm_linear", True) == 29  # gate/up and the lm_head still replaced
+
+
 # ------------------------------------------------------------------ one kernel, nvcc sm_90a
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 @pytest.mark.parametrize(
@@ -230,6 +329,10 @@ def test_consumers_wait_on_the_replacement():
         ("llama3_2_1b", ("act_down",)),
         ("qwen3_0_6b", (*QF, "decode_attention")),
         ("llama3_2_1b", ("act_down", "decode_attention")),
+        ("qwen3_0_6b", NL),
+        ("llama3_2_1b", NL),
+        ("qwen3_0_6b", (*QF, "decode_attention", *NL)),
+        ("llama3_2_1b", ("act_down", "decode_attention", *NL)),
     ],
 )
 def test_one_kernel_compiles_for_sm90a(name, force, tmp_path):
@@ -237,7 +340,8 @@ def test_one_kernel_compiles_for_sm90a(name, force, tmp_path):
     src = emit_cuda(p)
     # still the one megakernel: the found bodies are __device__ task functions, no kernel of their own
     assert "__global__" not in so_source(p) and src.count("__global__") == emit_cuda(base).count("__global__")
-    assert ("mk_so_rope_table" in src) == (name == "qwen3_0_6b")
+    assert ("mk_so_rope_table" in src) == (name == "qwen3_0_6b" and "headnorm_rope" in force)
+    assert ("mk_so_argmax_tile(t, it, B, smem)" in src) == ("norm_linear" in force)
     for v in p.so_variants:
         assert f"__device__ void {v.variant}(const MkTask& t" in src and f"{v.variant}(t, it, B, smem)" in src
     r = nvcc_sm90a(src, tmp_path)
@@ -245,20 +349,33 @@ def test_one_kernel_compiles_for_sm90a(name, force, tmp_path):
     assert emit_cuda(_plans(name, 2, force)[1]) == src  # one source for batches 1-2 (same GEMV variants)
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+def test_the_engines_logits_kernel_with_norm_linear_compiles_for_sm90a(tmp_path):
+    """The engine's logits graph (no argmax: the lm_head's found body is the step's final op, no glue) at the
+    serve block's batch, every kind forced."""
+    from mpkir.models.backends import logits_module
+    from mpkir.verify import analyze
+
+    m = _module("qwen3_0_6b")
+    m2, _ = logits_module(m, analyze(m))
+    force = (*QF, "decode_attention", *NL)
+    p = apply_found_programs(lower(m2, greedy=True), m2, load_programs(), force=force)
+    assert _count(p, "norm_linear", True) == 57 and p.ops[-1].name == "logits" and p.logits == "v:logits"
+    src = emit_cuda(p)
+    assert "mk_so_argmax_tile" not in src
+    r = nvcc_sm90a(src, tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
 # ------------------------------------------------------------------ the replaced ops' tasks, run on the CPU
 def _lib(plan):
     from mpkir.passes.superopt.cpuexec import _compile
-    from mpkir.passes.superopt.cuda import PRELUDE
+    from mpkir.passes.superopt.cuda import PRELUDE, task_args
 
     bodies = so_bodies(plan)
     runners = ["struct MkTask { long long p[12]; int a[32]; };"]
     for b in bodies:
-        args = [
-            f"({q.ctype}*)t.p[{k}]" if q.output else f"(const {q.ctype}*)t.p[{k}]"
-            for k, q in enumerate(b.params)
-        ]
-        call = f"{b.func}({', '.join([*args, 't.a[16]', 'smem'])})"
-        runners.append(_runner("run_" + b.func, call))
+        runners.append(_runner("run_" + b.func, f"{b.func}({', '.join(task_args(b))})"))
     runners.append(
         _runner(
             "run_rope_table",
@@ -266,14 +383,16 @@ def _lib(plan):
             "(float*)t.p[2], (float*)t.p[3], t.a[16], t.a[17])",
         )
     )
-    return _compile(PRELUDE + SO_GLUE + "\n".join(b.source for b in bodies) + "\n".join(runners))
+    runners.append(_runner("run_argmax_tile", SO_ARGMAX_CALL, skip="false"))
+    src = PRELUDE + SO_GLUE + SO_ARGMAX + "\n".join(b.source for b in bodies) + "\n".join(runners)
+    return _compile(src)
 
 
-def _runner(name, call):
+def _runner(name, call, skip="t.a[17] >= B"):
     return (
         f'extern "C" void {name}(const MkTask* ts, int n, int B, char* smem) {{\n'
         f"  for (int i = 0; i < n; ++i) {{\n"
-        f"    const MkTask& t = ts[i];\n    if (t.a[17] >= B) continue;\n    {call};\n  }}\n}}\n"
+        f"    const MkTask& t = ts[i];\n    if ({skip}) continue;\n    {call};\n  }}\n}}\n"
     )
 
 
@@ -419,6 +538,66 @@ def test_rope_table_matches_the_handwritten_angles():
     assert np.all(np.isnan(cs[2:]))
 
 
+def _rmsnorm_linear(x, g, w, eps):
+    """float64 RMSNorm(x)·g @ wᵀ, no bf16 rounding point in between (what the found program computes)."""
+    return (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g) @ w.T
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("name,eps", [("qwen3_0_6b", 1e-6), ("llama3_2_1b", 1e-5)])
+def test_forced_norm_linear_tasks_compute_float64_values(name, eps):
+    """The plan's found norm_linear TASKS (pointers, tile numbers, row strides; Llama's q/k/v regridded) run
+    on the CPU (the bodies as plain C++), dead token rows poisoned: one layer's q/k/v and gate/up from their
+    shared input, each against float64 RMSNorm -> linear; the lm_head's first tiles, and the argmax glue's
+    partials over them against NumPy's argmax of those logits."""
+    from mpkir.passes.superopt.program import parse_program
+
+    B, layer, rng = 3, 1, np.random.default_rng()
+    _, p = _plans(name, B, NL)
+    lib, mem = _lib(p), _Mem(p)
+    ops = {o.name: o for o in p.ops}
+    smem = max(v.smem_bytes for v in p.so_variants)
+
+    def fill(buf, rows=None, scale=1.0, offset=0.0):
+        """The first ``rows`` (default all) of a buffer random (bf16), as float64; the rest stays poisoned."""
+        a = mem.get(buf)
+        rows = a.shape[0] if rows is None else rows
+        a[:rows] = _bf16(offset + scale * rng.standard_normal((rows, *a.shape[1:])))
+        return _f(a[:rows])
+
+    def run(op, tasks=None):
+        mem.run(lib, "run_" + op.tasks[0].variant[3:], op.tasks if tasks is None else tasks, B, smem)
+
+    for group in (("q", "k", "v"), ("gate", "up")):
+        sos = [ops[f"{n}.{layer}"] for n in group]
+        t0 = sos[0].tasks[0]
+        x, g = fill(t0.p[0][0], B), fill(t0.p[1][0], None, 0.1, 1.0)
+        for o in sos:
+            w = fill(o.tasks[0].p[2][0], None, 0.05)
+            run(o)
+            err = _rel(_f(mem.get(o.tasks[0].p[3][0]))[:B], _rmsnorm_linear(x, g, w, eps))
+            print(f"{name} {o.name}: rel err {err:.2e}")
+            assert err < 1e-2
+    so, glue = ops["logits.so"], ops["logits"]
+    tiles = glue.tasks[:4]
+    n = tiles[-1].a[23] + tiles[-1].a[17]  # logits columns the glue tiles read
+    (var,) = [v for v in p.so_variants if v.variant == so.tasks[0].variant]
+    tn = p.buffers[so.tasks[0].p[3][0]].shape[1] // parse_program(var.program).grid[0]
+    x, g = fill(so.tasks[0].p[0][0], B), fill(so.tasks[0].p[1][0], None, 0.1, 1.0)
+    w = fill(so.tasks[0].p[2][0], -(-n // tn) * tn, 0.05)
+    run(so, [t for t in so.tasks if t.a[16] * tn < n])
+    lg = _f(mem.get("v:logits"))[:B, :n]
+    assert _rel(lg, _rmsnorm_linear(x, g, w[:n], eps)) < 1e-2
+    mem.run(lib, "run_argmax_tile", tiles, B, smem)
+    part = mem.get(tiles[0].p[6][0])
+    for k, t in enumerate(tiles):
+        n0, R = t.a[23], t.a[17]
+        idx = n0 + np.argmax(lg[:, n0 : n0 + R], axis=-1)
+        assert part[k, :B, 1].view(np.int32).tolist() == idx.tolist()
+        assert part[k, :B, 0].tolist() == lg[np.arange(B), idx].tolist()
+    assert np.isnan(part[len(tiles) :]).all()  # (the glue tiles not run here)
+
+
 # ------------------------------------------------------------------ on the device (skipped without a GPU)
 @pytest.mark.gpu
 def test_gpu_found_programs_in_the_megakernel():
@@ -504,9 +683,8 @@ def test_forced_attention_tasks_on_the_cpu_and_the_bench_check(name, B):
         "(const int*)t.p[6], (const int*)t.p[7], (void*)t.p[8], t.a[16], t.a[17], t.a[18], t.a[19], t.a[20], "
         "t.a[21], t.a[22], smem)"
     )
-    runner = "struct MkTask { long long p[12]; int a[32]; };\n" + _runner("run_attn", call).replace(
-        "t.a[17] >= B", "t.a[16] >= B"
-    )
+    runner = _runner("run_attn", call, skip="t.a[16] >= B")
+    runner = "struct MkTask { long long p[12]; int a[32]; };\n" + runner
     lib = _compile(PRELUDE + body.source + runner)
     mem, rng = _Mem(p), np.random.default_rng()
     names = {k: t0.p[k][0] for k in range(9)}

@@ -137,7 +137,8 @@ class Param:
 
 @dataclass(frozen=True)
 class Body:
-    """One emitted task type: its function name, pointer parameters (inputs then outputs), tasks, smem."""
+    """One emitted task type: its function name, pointer parameters (inputs then outputs), tasks, smem, and
+    the outputs whose row stride is a parameter (``int ld_<name>`` after the pointers)."""
 
     func: str
     program: Program
@@ -145,6 +146,7 @@ class Body:
     ntasks: int
     smem_bytes: int
     source: str
+    strided: tuple[str, ...] = ()
 
 
 def _f(v) -> str:
@@ -384,7 +386,12 @@ def _load(p: Program, i, dtype: str) -> str:
     return f"  for (int i = MKSO_TID; i < {n}; i += MKSO_NT) {{ s_{i.name}[i] = mkso_ld({src}); }}\n"
 
 
-def _store(p: Program, o, sh) -> str:
+def _scaled(c: int, s) -> str:
+    """``c`` times stride ``s`` (an int, folded; or a runtime expression)."""
+    return str(c * s) if isinstance(s, int) else f"{c} * {s}"
+
+
+def _store(p: Program, o, sh, strided: tuple[str, ...] = ()) -> str:
     v = o.value.lstrip("%")
     t = list(sh[v])
     while len(t) > len(o.shape) and t[0] == 1:
@@ -392,7 +399,9 @@ def _store(p: Program, o, sh) -> str:
     t = [1] * (len(o.shape) - len(t)) + t
     if len(t) != len(o.shape):
         raise ProgramError(f"{p.name}: output {o.name}: tile {sh[v]} does not fit rank {len(o.shape)}")
-    full = _strides(o.shape)
+    full: list = list(_strides(o.shape))
+    if o.name in strided:  # the row stride is the body's parameter ld_<name> (a task argument)
+        full[0] = f"ld_{o.name}"
     terms = []
     for d in range(len(o.shape)):
         axes = [a for a, od in enumerate(o.omap) if od == d]
@@ -405,7 +414,7 @@ def _store(p: Program, o, sh) -> str:
             lin = f"g{axes[0]}"
             for a in axes[1:]:
                 lin = f"({lin} * {p.grid[a]} + g{a})"
-            terms.append(f"{lin} * {t[d] * full[d]}")
+            terms.append(f"{lin} * {_scaled(t[d], full[d])}")
     guard = " && ".join(f"g{a} == 0" for a, od in enumerate(o.omap) if od < 0 and p.grid[a] > 1)
     idx = _idx(tuple(t))
     off = " + ".join(f"{idx[k]} * {full[k]}" for k in range(len(t))) or "0"
@@ -467,9 +476,13 @@ def _smem_layout(p: Program, sh) -> tuple[list[tuple[str, int]], int]:
     return out, off
 
 
-def emit_body(p: Program, dtypes: dict[str, str] | None = None, func: str | None = None) -> Body:
-    """The ``__device__`` body of one program; ``dtypes`` maps tensor names to 'f32' (default bf16). A paged
-    program (``paged(k, v)``) gets mk_attention's contract instead (:mod:`paged`)."""
+def emit_body(
+    p: Program, dtypes: dict[str, str] | None = None, func: str | None = None, strided: tuple[str, ...] = ()
+) -> Body:
+    """The ``__device__`` body of one program; ``dtypes`` maps tensor names to 'f32' (default bf16);
+    ``strided``: outputs whose row stride (elements between rows, the shape's otherwise) is a parameter
+    ``ld_<name>``, so a task can write its tile into a narrower tensor. A paged program (``paged(k, v)``) gets
+    mk_attention's contract instead (:mod:`paged`)."""
     if p.paged:
         from mpkir.passes.superopt.paged import emit_paged_attention
 
@@ -480,8 +493,10 @@ def emit_body(p: Program, dtypes: dict[str, str] | None = None, func: str | None
     func = func or f"so_{p.name}"
     params = tuple(Param(i.name, i.shape, dtypes.get(i.name, "bf16"), False) for i in p.inputs)
     params += tuple(Param(o.name, o.shape, dtypes.get(o.name, "bf16"), True) for o in p.outputs)
+    strided = tuple(o.name for o in p.outputs if o.name in strided)
     sig = [f"const {q.ctype}* __restrict__ {q.name}" for q in params if not q.output]
     sig += [f"{q.ctype}* __restrict__ out_{q.name}" for q in params if q.output]
+    sig += [f"int ld_{n}" for n in strided]
     lines = [f"__device__ void {func}({', '.join([*sig, 'int tile', 'char* smem'])}) {{"]
     lines += _grid_coords(p)
     layout, total = _smem_layout(p, sh)
@@ -509,9 +524,9 @@ def emit_body(p: Program, dtypes: dict[str, str] | None = None, func: str | None
         for r in o.results:
             lines.append(_loop(_numel(sh[r]), f"s_{r}[i] = a_{r}[i];").rstrip("\n"))
     lines += [_op(o, sh).rstrip("\n") for o in p.epilogue]
-    lines += [_store(p, o, sh).rstrip("\n") for o in p.outputs]
+    lines += [_store(p, o, sh, strided).rstrip("\n") for o in p.outputs]
     lines.append("}")
-    return Body(func, p, params, p.ntasks, total, "\n".join(lines) + "\n")
+    return Body(func, p, params, p.ntasks, total, "\n".join(lines) + "\n", strided)
 
 
 def fused_dtypes(f: Fused) -> dict[str, str]:
@@ -530,17 +545,23 @@ def emit_bodies(f: Fused, prefix: str = "") -> list[Body]:
     return [emit_body(p, dt, f"so_{prefix}{p.name}") for p in f.programs]
 
 
-def task_adapter(b: Body) -> str:
-    """The body as a megakernel task: pointers ``t.p[0..]`` in parameter order, tile index ``t.a[16]``."""
+def task_args(b: Body) -> list[str]:
+    """The body's arguments from a task ``t``: pointers ``t.p[0..]`` in parameter order, the row strides of
+    its strided outputs ``t.a[18..]``, the tile index ``t.a[16]``, ``smem``."""
     if len(b.params) > 11:
         raise ProgramError(f"{b.func}: {len(b.params)} pointers (MkTask holds 11)")
     args = [
         f"({q.ctype}*)t.p[{k}]" if q.output else f"(const {q.ctype}*)t.p[{k}]" for k, q in enumerate(b.params)
     ]
+    return [*args, *(f"t.a[{18 + k}]" for k in range(len(b.strided))), "t.a[16]", "smem"]
+
+
+def task_adapter(b: Body) -> str:
+    """The body as a megakernel task (arguments: :func:`task_args`)."""
     return (
         f"__device__ void mk_{b.func}(const MkTask& t, int it, int B, char* smem) {{\n"
         f"  if (!mk_block_wait(t)) return;\n"
-        f"  {b.func}({', '.join([*args, 't.a[16]', 'smem'])});\n}}\n"
+        f"  {b.func}({', '.join(task_args(b))});\n}}\n"
     )
 
 
@@ -636,4 +657,5 @@ __all__ = [
     "shapes",
     "smem_bytes",
     "task_adapter",
+    "task_args",
 ]
