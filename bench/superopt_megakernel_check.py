@@ -10,9 +10,11 @@ builds two megakernels from the same module: the hand-written plan
 * runs one step of each with every activation and scratch buffer poisoned (NaN) first, then recomputes every
   replaced op in float64 NumPy from the kernel's OWN input buffers (no compounding: q/k head-norm+rope, the
   k/v rows the step appends to the paged cache, silu_mul->down+residual, paged attention + merge from the
-  kernel's q, page table and caches: the found split-KV body when ``--force decode_attention``) and compares
-  both kernels (relative error of the bf16 outputs, < 1e-2), plus the found kernel's outputs against the
-  hand-written kernel's (those ops, the logits, the token);
+  kernel's q, page table and caches: the found split-KV body when ``--force decode_attention``; RMSNorm ->
+  q/k/v, gate/up and lm_head, the found program's tiles when ``--force norm_linear``, and the token against
+  the argmax of the kernel's own logits: the argmax glue) and compares both kernels (relative error of the
+  bf16 outputs, < 1e-2), plus the found kernel's outputs against the hand-written kernel's (those ops, the
+  logits, the token);
 * runs 8 greedy steps in one launch on each and compares the tokens (``logit_margin_top2``: the hand-written
   kernel's top-1/top-2 logit gap at step 1, to judge a flip: the found bodies round at other points);
 * times ms/step of each: median of 5 launches of 64 steps (after a warm-up launch).
@@ -20,6 +22,7 @@ builds two megakernels from the same module: the hand-written plan
 Needs CuPy + numpy + mpkir (``bash bench/dev_setup.sh``). Under 2 minutes on one H100:
     python bench/superopt_megakernel_check.py --out superopt_mk_h100.json
     python bench/superopt_megakernel_check.py --force decode_attention --out superopt_mk_attn_h100.json
+    python bench/superopt_megakernel_check.py --force norm_linear --out superopt_mk_norm_linear_h100.json
 ``--dry-run`` does everything but the GPU: plans, the replaced/skipped table, the .cu, nvcc sm_90a compile.
 The Megakernel is built through ``mpkir.runtime.host`` unchanged: the script wraps the ``lower`` it calls.
 """
@@ -31,6 +34,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -148,8 +152,6 @@ def _headnorm_rope(x, g, eps, pos, inv):
 def _attention(V, plan, layer: int, B: int) -> float:
     """Layer ``layer``'s paged attention (hand-written mk_attention or the found split-KV body, + merge),
     recomputed in float64 from the kernel's own q and (appended) paged caches: its output's relative error."""
-    import struct
-
     sp = [o for o in plan.ops if o.kind == "attention"][layer]
     t = sp.tasks[0]
     q, kc, vc = V(t.p[0][0]), V.raw(t.p[3][0]), V.raw(t.p[4][0])
@@ -176,11 +178,31 @@ def _attention(V, plan, layer: int, B: int) -> float:
     return _rel(V(out)[:B].reshape(ref.shape), ref)
 
 
-def _check_step(mk, B, layers, eps, pos) -> dict:
-    """Every replaced op kind of two layers, recomputed from the kernel's own inputs (float64)."""
+def _norm_linears(V, hand, B, layers) -> dict:
+    """RMSNorm -> linear outputs (the hand-written plan's mode-1 linears) of the first and last layer's q/k/v
+    and gate/up and of the lm_head, each recomputed in float64 from the kernel's own input, norm weight and
+    weight (the normalised input unrounded, as the found program computes it; the hand-written kernel rounds
+    it to bf16), and the (last) step's tokens against the argmax of the kernel's own logits (exact)."""
+    names = {f"{n}.{li}" for li in (0, layers - 1) for n in ("q", "k", "v", "gate", "up")} | {"logits"}
+    out = {}
+    for o in hand.ops:
+        if o.kind != "linear" or o.name not in names or o.tasks[0].a.get(20) != 1:
+            continue
+        t = o.tasks[0]
+        x, g = V(t.p[0][0])[:B], V(t.p[4][0])
+        eps = struct.unpack("<f", struct.pack("<i", t.a[21]))[0]
+        xn = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+        out[f"{o.name}.norm_linear"] = _rel(V(t.p[2][0])[:B], xn @ V(t.p[1][0]).T)
+    out["argmax_exact"] = V.raw("hist")[-1, :B].tolist() == np.argmax(V(hand.logits)[:B], -1).tolist()
+    return out
+
+
+def _check_step(mk, B, layers, eps, pos, hand) -> dict:
+    """Every replaced op kind of two layers, recomputed from the kernel's own inputs (float64); ``hand``: the
+    hand-written plan (its ops name the norm_linear inputs in both kernels' buffers)."""
     V = _View(mk)
     plan = mk.plan
-    out = {}
+    out = _norm_linears(V, hand, B, layers)
     inv = next(b.data for n, b in plan.buffers.items() if n.startswith("const:rope_inv"))
     pg = plan.buffers["s:k_cache[0]"].shape[1]
     pps = plan.buffers[plan.inputs["page_table"]].shape[1]
@@ -262,8 +284,8 @@ def _device_model(name, force, vocab_seed=1) -> dict:
         mk.poison()
         mk.launch(1)
     eps, L = float(c["rms_eps"]), int(c["layers"])
-    r["ops_handwritten"] = _check_step(mk_h, B, L, eps, pos)
-    r["ops_found"] = _check_step(mk_s, B, L, eps, pos)
+    r["ops_handwritten"] = _check_step(mk_h, B, L, eps, pos, mk_h.plan)
+    r["ops_found"] = _check_step(mk_s, B, L, eps, pos, mk_h.plan)
     Vh, Vs = _View(mk_h), _View(mk_s)
     vs = {}
     for layer in (0, L - 1):
@@ -349,8 +371,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--force",
         default="",
-        help="comma-separated kinds forced in every model besides its defaults (e.g. decode_attention: the "
-        "found split-KV program over the paged KV cache in place of mk_attention)",
+        help="comma-separated kinds forced in every model besides its defaults (decode_attention: the found "
+        "split-KV program over the paged KV cache in place of mk_attention; norm_linear: the found RMSNorm "
+        "-> linear program in place of q/k/v, gate/up and the lm_head, with an argmax glue op)",
     )
     a = ap.parse_args(argv)
     t0 = time.monotonic()
