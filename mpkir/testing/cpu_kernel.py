@@ -63,18 +63,27 @@ class CpuMegakernel:
         """The token history [steps, batch] (as ``Megakernel.tokens``)."""
         return self.bufs["hist"][:, : self.plan.batch].copy()
 
+    def greedy(self, tokens, positions, seq_ids, page_table, steps: int) -> list[list[int]]:
+        """The tokens of ``steps`` steps of an argmax plan run once from these inputs (each step embeds the
+        previous step's tokens)."""
+        self.set_inputs(tokens, positions, seq_ids, page_table)
+        self.run(steps)
+        return self.tokens().tolist()
+
 
 class CpuStepBackend:
     """The engine's step function over the GPU plan run on the CPU (what ``runtime.host.StepBackend`` does
     on the device): the logits graph lowered once for the serve block's ``max_tokens``, weights and the paged
-    KV cache kept in the plan's buffers between steps, each step's live tokens run, float32 logits back."""
+    KV cache kept in the plan's buffers between steps, each step's live tokens run, float32 logits back.
+    ``post``: a post-pass ``post(plan, module)`` on the lowered plan (e.g. found programs placed)."""
 
-    def __init__(self, module, analysis, weights, nt: int = 128, num_sms: int = 8):
+    def __init__(self, module, analysis, weights, nt: int = 128, num_sms: int = 8, post=None):
         from mpkir.codegen.lower import lower
         from mpkir.models.backends import logits_module
 
         m2, _ = logits_module(module, analysis)
-        self.mk = CpuMegakernel(lower(m2, num_sms=num_sms, greedy=True, batch=None), nt)
+        plan = lower(m2, num_sms=num_sms, greedy=True, batch=None)
+        self.mk = CpuMegakernel(plan if post is None else post(plan, m2), nt)
         self.mk.load_weights(weights)
         self.steps = 0
 
