@@ -17,5 +17,7 @@ timeout 170 python -m pytest -q -m gpu tests/test_gpu_megakernel.py tests/test_g
 echo "tests done at $((SECONDS - T0)) s"
 timeout 50 python bench/superopt_megakernel_check.py --force decode_attention --models qwen3_0_6b \
   --out "$OUT/superopt_mk_attn_qwen3_0_6b.json" 2>&1 | tail -6
+timeout 60 python bench/superopt_megakernel_check.py --force norm_linear --models qwen3_0_6b \
+  --out "$OUT/superopt_mk_normlin_qwen3_0_6b.json" 2>&1 | tail -6
 timeout $((560 - SECONDS + T0)) python bench/engine_bench.py "$OUT/engine_sampled.json" llama3_2_1b 1,8 --sampled \
   2>&1 | tail -4
