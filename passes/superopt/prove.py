@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 
 import numpy as np
 
 from mpkir.passes.superopt.domains import Field, P, Q, Symbolic, Untestable
 
 _P = 2_147_483_647
+# resource limit of one pruning query (Abstract.subexpr; 'unknown' keeps the candidate): the ~2,000 queries of
+# the superopt tests consume at most 33,161 on Z3 5.4.1, 33,708 on 4.15.4, each under 0.05 s
+SUBEXPR_RLIMIT = 400_000
 
 
 class Abstract:
@@ -150,7 +154,8 @@ class Abstract:
                 if cv * qv % _P != sv:
                     continue
                 solver = z3.Solver()
-                solver.set("timeout", 1000)
+                solver.set("rlimit", SUBEXPR_RLIMIT)
+                solver.set("timeout", 10_000)  # backstop only (see BACKSTOP_MS)
                 solver.add(z3.Not(cand * q == s))
                 self.queries += 1
                 if solver.check() != z3.sat:
@@ -197,10 +202,115 @@ def ff_equal(run_a, run_b, make_inputs, trials: int = 3, seed: int = 0) -> tuple
     return True, f"{trials} finite-field trials (p=2097143, q=1048571)"
 
 
-def z3_equal(run_a, run_b, make_inputs, timeout_ms: int = 20000) -> tuple[str, str]:
+# Z3's deterministic resource limit ("rlimit": a count of Z3's internal steps, the same on any machine and
+# under any load, unlike a wall-clock timeout) for one attempt of :func:`z3_check`'s second round; the first
+# round gives every attempt a tenth.  Measured on the proofs the superopt tests make (search, rules, paged),
+# the deciding attempt consumes at most (Z3 5.4.1 / 4.15.8 / 4.15.4): decode_attention (2 tiles, online-
+# softmax merge) 78,556 / ~454,000 / 962,504, its paged tiling 68,002 / ~48,700 / 581,115, the rest < 1,000.
+# An attempt that gives up spends its whole budget: about 1-3 s per million, more where Z3 stalls (below).
+RLIMIT = 10_000_000
+# wall-clock backstop for one query, all attempts together: Z3's nonlinear core (nlsat) can run for tens of
+# seconds between two resource-limit checks on polynomials with large coefficients.  The proofs the tests make
+# never come near it (their outcome is decided by the rlimit alone); a query that reaches it is 'unknown'.
+BACKSTOP_MS = 60_000
+
+_PRE = ("simplify", "propagate-values", "solve-eqs")
+# a small portfolio, tried in order: on nonlinear real arithmetic one strategy may give up where another
+# answers at once
+_STRATEGIES = (
+    ("simplify+solve-eqs", lambda z3, c: z3.Then(*[z3.Tactic(t, c) for t in (*_PRE, "smt")]).solver()),
+    ("default", lambda z3, c: z3.Solver(ctx=c)),
+    ("QF_UFNRA", lambda z3, c: z3.SolverFor("QF_UFNRA", ctx=c)),
+)
+
+
+def _generalized(z3, formulas):
+    """``formulas`` with every non-integer rational constant replaced by a symbol (one per value), or None
+    when there is none.  Unsat of the generalization implies unsat of ``formulas`` (an instance of it); its
+    polynomials no longer carry e.g. the 16-digit numerator of 32**-0.5, on which Z3's nonlinear core
+    stalls."""
+    consts, seen, stack = {}, set(), list(formulas)
+    while stack:
+        e = stack.pop()
+        if e.get_id() in seen:
+            continue
+        seen.add(e.get_id())
+        if z3.is_rational_value(e):
+            if e.as_fraction().denominator != 1:
+                consts.setdefault(e.as_fraction(), e)
+        else:
+            stack.extend(e.children())
+    if not consts:
+        return None
+    subs = [(v, z3.Real(f"k!{i}")) for i, (_, v) in enumerate(sorted(consts.items()))]
+    return [z3.substitute(f, *subs) for f in formulas]
+
+
+def z3_check(formulas, rlimit: int = RLIMIT, backstop_ms: int = BACKSTOP_MS) -> tuple[str, str, str, int]:
+    """Satisfiability of ``formulas`` (main-context Z3 booleans): ('unsat' | 'sat' | 'unknown', the deciding
+    attempt, a model or why not, the rlimit that attempt consumed (or all attempts, when none decided)).
+
+    Attempts: each strategy on the generalized query (:func:`_generalized`; a 'sat' there proves nothing and
+    drops it), then on the query itself; all of them with ``rlimit // 10``, then the undecided ones again with
+    ``rlimit``.  Which query and strategy a Z3 release finds easy differs (decode_attention: 5.4.1 and
+    4.15.4 prove only the generalization, 4.15.8 the query itself too, in ~120,000 with every strategy), hence
+    the portfolio, and the cheap round first.  Every attempt runs in a fresh ``z3.Context`` with the query
+    translated into it: inside one context, term ids and with them Z3's internal orderings depend on every
+    term made before, so the same query took another route (and gave up, or not) depending on what the
+    process had asked Z3 earlier; in a fresh context it depends on the query alone."""
+    import z3
+
+    gen = _generalized(z3, formulas)
+    attempts = [
+        (label, query, name, make)
+        for name, make in _STRATEGIES
+        for label, query in (("generalized, ", gen), ("", formulas))
+        if query is not None
+    ]
+    spent, why, gen_sat = 0, "", False
+    deadline = time.monotonic() + backstop_ms / 1000
+    for budget in (max(1, rlimit // 10), rlimit):
+        for label, query, name, make in attempts:
+            if label and gen_sat:
+                continue
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return "unknown", "", f"wall-clock backstop ({backstop_ms} ms) reached", spent
+            ctx = z3.Context()
+            s = make(z3, ctx)
+            s.set("rlimit", budget)
+            s.set("timeout", left_ms)
+            s.add(*[f.translate(ctx) for f in query])
+            r = s.check()
+            used = _rlimit_count(s)
+            spent += used
+            if r == z3.unsat:
+                return "unsat", f"{label}{name}", "", used
+            if r == z3.sat:
+                if label:  # a model of the generalization need not be one of the query
+                    gen_sat = True
+                    continue
+                m = s.model()
+                return "sat", name, ", ".join(f"{d}={m[d]}" for d in list(m.decls())[:8]), used
+            why = s.reason_unknown()
+    return "unknown", "", why, spent
+
+
+def _rlimit_count(s) -> int:
+    """Resource count of ``s``'s context so far (Z3 lists no count before the context's first check)."""
+    import z3
+
+    try:
+        return int(s.statistics().get_key_value("rlimit count"))
+    except z3.Z3Exception:
+        return 0
+
+
+def z3_equal(run_a, run_b, make_inputs, rlimit: int = RLIMIT) -> tuple[str, str]:
     """Prove ``run_a == run_b`` on a symbolic instance.
 
-    Returns 'proved', 'refuted' (with a counterexample) or 'unknown'."""
+    Returns 'proved', 'refuted' (with a counterexample) or 'unknown'.  Deterministic: the attempts are bounded
+    by Z3's resource limit ``rlimit`` (:func:`z3_check`), not by time."""
     dom = Symbolic()
     z3 = dom.z3
     counter = itertools.count()
@@ -212,25 +322,9 @@ def z3_equal(run_a, run_b, make_inputs, timeout_ms: int = 20000) -> tuple[str, s
         if x.shape != y.shape:
             return "refuted", f"output {k}: shape {x.shape} vs {y.shape}"
         eqs += [xa == yb for xa, yb in zip(x.ravel(), y.ravel(), strict=True)]
-    # a small portfolio: Z3's default solver on nonlinear real arithmetic is sensitive to term order (what
-    # earlier queries left in the shared context) and may give up where another strategy answers at once
-    attempts = (
-        ("simplify+solve-eqs", lambda: z3.Then("simplify", "propagate-values", "solve-eqs", "smt").solver()),
-        ("default", z3.Solver),
-        ("QF_UFNRA", lambda: z3.SolverFor("QF_UFNRA")),
-        ("default, seed 7", z3.Solver),
-    )
-    for name, make in attempts:
-        s = make()
-        s.set("timeout", max(1000, timeout_ms // len(attempts)))
-        if name.endswith("seed 7"):
-            s.set("random_seed", 7)
-        s.add(*dom.axioms)
-        s.add(z3.Not(z3.And(*eqs)))
-        r = s.check()
-        if r == z3.unsat:
-            return "proved", f"Z3 ({name}): unsat of the negation over {len(eqs)} symbolic outputs"
-        if r == z3.sat:
-            m = s.model()
-            return "refuted", "counterexample: " + ", ".join(f"{d}={m[d]}" for d in list(m.decls())[:8])
-    return "unknown", "Z3: unknown (every strategy gave up)"
+    r, name, detail, used = z3_check([*dom.axioms, z3.Not(z3.And(*eqs))], rlimit)
+    if r == "unsat":
+        return "proved", f"Z3 ({name}, rlimit {used}): unsat of the negation over {len(eqs)} symbolic outputs"
+    if r == "sat":
+        return "refuted", f"counterexample: {detail}"
+    return "unknown", f"Z3: unknown (every attempt gave up: {detail}; rlimit {used} in all)"
