@@ -229,7 +229,8 @@ class Field:
 
 
 class Symbolic:
-    """Z3 real terms in one shared context (many contexts crash z3)."""
+    """Z3 real terms, built in Z3's global context (``prove.z3_equal`` copies each query into a fresh
+    context before solving, so earlier queries do not change its outcome)."""
 
     name = "z3"
 

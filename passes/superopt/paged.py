@@ -264,7 +264,7 @@ def prove_paged(f: Fused | Program, scale: float, cases=None, z3_cases=None) -> 
 
     cases = cases or [(n, s) for n in (1, 2, 3, 5, 7) for s in (1, 2, 3)]
     # Z3 on length 3 over 2 splits: a full tile, a masked 1-row tail tile, the merge of two partials (longer
-    # instances, e.g. (5, 2), prove too but may time out depending on what the process asked Z3 before)
+    # instances, e.g. (5, 2), prove too, at a larger Z3 resource count)
     z3_cases = z3_cases or [(3, 2)]
     out: dict = {
         "instance": "2-row tiles; finite field: head dim 2; Z3: group 1, head dim 1",
