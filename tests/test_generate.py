@@ -187,21 +187,52 @@ def test_gpu_backend_choice_reaches_the_runtime(monkeypatch):
     from types import SimpleNamespace
 
     from mpkir.diagnostics import MpkError
+    from mpkir.models import backends
     from mpkir.models.backends import make_backend
     from mpkir.runtime import host
 
     calls = []
     monkeypatch.setattr(host, "make_step_backend", lambda *a, **kw: calls.append(kw) or "backend")
+    for v in ("MPKIR_KERNEL_SAMPLING", "MPKIR_KERNEL_PAGES", "MPKIR_GPU_BACKEND"):
+        monkeypatch.delenv(v, raising=False)
     loaded = SimpleNamespace(module="m", analysis="a", weights="w")
-    assert make_backend(loaded, "gpu", gpu_backend="resident", greedy_only=True) == "backend"
-    make_backend(loaded, "gpu", gpu_backend="resident")
+    off = {"resident": True, "kernel_pages": False}
+    make_backend(loaded, "gpu", gpu_backend="resident", greedy_only=True, kernel_pages=False)
+    make_backend(loaded, "gpu", gpu_backend="resident", kernel_sampling=False, kernel_pages=False)
     make_backend(loaded, "gpu", gpu_backend="step", greedy_only=True)
     make_backend(loaded, "gpu", gpu_backend="resident", kernel_sampling=True, kernel_pages=True)
-    res = {"resident": True, "kernel_pages": False}
-    assert calls == [{**res, "output": "ids"}, {**res, "output": "logits"}, {},
-                     {**res, "output": "sample", "kernel_pages": True}]
+    assert calls == [{**off, "output": "ids"}, {**off, "output": "logits"}, {},
+                     {**off, "output": "sample", "kernel_pages": True}]
+    calls.clear()  # unset: the environment, else the defaults
+    assert make_backend(loaded, "gpu", gpu_backend="resident") == "backend"
+    default = "sample" if backends.DEFAULT_KERNEL_SAMPLING else "logits"
+    assert calls == [{**off, "output": default, "kernel_pages": backends.DEFAULT_KERNEL_PAGES}]
+    monkeypatch.setenv("MPKIR_KERNEL_SAMPLING", "1")
+    monkeypatch.setenv("MPKIR_KERNEL_PAGES", "0")
+    make_backend(loaded, "gpu", gpu_backend="resident")
+    make_backend(loaded, "gpu", gpu_backend="resident", kernel_sampling=False, kernel_pages=True)
+    assert calls[1:] == [{**off, "output": "sample"}, {**off, "output": "logits", "kernel_pages": True}]
+    monkeypatch.setenv("MPKIR_KERNEL_PAGES", "yes")
+    with pytest.raises(MpkError, match="MPKIR_KERNEL_PAGES='yes': expected 0 or 1"):
+        make_backend(loaded, "gpu", gpu_backend="resident")
     with pytest.raises(MpkError, match="unknown GPU backend"):
         make_backend(loaded, "gpu", gpu_backend="nope")
+
+
+@pytest.mark.parametrize("verb", ["generate", "serve"])
+def test_kernel_switches_on_the_command_line(verb, monkeypatch):
+    """``--[no-]kernel-sampling`` / ``--[no-]kernel-pages`` reach ``open_runner`` (unset: None, the
+    backend's defaults), and ``--help`` says the default."""
+    from mpkir.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args([verb, "--kernel-sampling", "--no-kernel-pages"])
+    assert (args.kernel_sampling, args.kernel_pages) == (True, False)
+    args = parser.parse_args([verb])
+    assert (args.kernel_sampling, args.kernel_pages) == (None, None)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[verb]
+    text = sub.format_help()
+    assert "--no-kernel-sampling" in text and "$MPKIR_KERNEL_PAGES" in text
 
 
 def test_a_graph_that_already_returns_logits_steps_to_the_same_logits(ckpt):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -97,6 +98,8 @@ def run(args) -> int:
         batch=batch,
         gpu_backend=args.gpu_backend,
         greedy_only=args.sampling == "greedy",
+        kernel_sampling=args.kernel_sampling,
+        kernel_pages=args.kernel_pages,
         step_tokens=args.step_tokens,
         max_seq_len=args.max_seq_len,
         speculative=args.speculative,
@@ -218,6 +221,30 @@ def run(args) -> int:
     return 0
 
 
+def add_kernel_switches(p) -> None:
+    """``--[no-]kernel-sampling`` and ``--[no-]kernel-pages`` (the resident GPU kernel's own sampling and
+    KV-page allocation), shared by ``generate`` and ``serve``."""
+    from mpkir.models.backends import DEFAULT_KERNEL_PAGES, DEFAULT_KERNEL_SAMPLING
+
+    def state(on: bool) -> str:
+        return "on" if on else "off"
+
+    p.add_argument(
+        "--kernel-sampling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPU resident backend: the kernel draws each token with the request's sampling parameters "
+        f"(default: $MPKIR_KERNEL_SAMPLING, else {state(DEFAULT_KERNEL_SAMPLING)})",
+    )
+    p.add_argument(
+        "--kernel-pages",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPU resident backend: the kernel allocates and frees KV-cache pages itself "
+        f"(default: $MPKIR_KERNEL_PAGES, else {state(DEFAULT_KERNEL_PAGES)})",
+    )
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "generate",
@@ -305,6 +332,7 @@ def register(sub) -> None:
         help="GPU: one resident megakernel launch serves every step, or one launch per step "
         "(default: $MPKIR_GPU_BACKEND, else resident)",
     )
+    add_kernel_switches(p)
     p.add_argument(
         "--precision",
         choices=("f32", "bf16"),

@@ -330,6 +330,8 @@ def run(args) -> int:
         max_seq_len=args.max_seq_len,
         speculative=args.speculative,
         progress=prog,
+        kernel_sampling=args.kernel_sampling,
+        kernel_pages=args.kernel_pages,
     )
     prog.close()
     if runner.tokenizer is None:
@@ -358,6 +360,8 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
+    from mpkir.commands.generate import add_kernel_switches
+
     p = sub.add_parser(
         "serve",
         help="serve a model over an OpenAI-style HTTP API on loopback",
@@ -385,6 +389,7 @@ def register(sub) -> None:
     )
     p.add_argument("--speculative", action="store_true", help="prompt-lookup speculative decoding")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    add_kernel_switches(p)
     p.add_argument("--precision", choices=("f32", "bf16"), default="f32")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request to stderr")
     p.add_argument("--no-progress", action="store_true")

@@ -156,6 +156,21 @@ def gpu_available() -> bool:
 
 GPU_BACKENDS = ("resident", "step")
 DEFAULT_GPU_BACKEND = "resident"  # measured not slower and token-identical (bench/RESULTS.md)
+# the resident kernel draws tokens / allocates KV pages itself: off until measured on the device
+DEFAULT_KERNEL_SAMPLING = False
+DEFAULT_KERNEL_PAGES = False
+
+
+def _switch(value: bool | None, env: str, default: bool) -> bool:
+    """An on/off choice: ``value`` when given, else the environment's ``env`` ("0"/"1"), else ``default``."""
+    if value is not None:
+        return value
+    v = os.environ.get(env, "").strip().lower()
+    if v in ("", "auto"):
+        return default
+    if v not in ("0", "1", "off", "on", "false", "true"):
+        raise error(f"{env}={v!r}: expected 0 or 1")
+    return v in ("1", "on", "true")
 
 
 def make_backend(
@@ -164,8 +179,8 @@ def make_backend(
     float_storage: str | None = None,
     gpu_backend: str | None = None,
     greedy_only: bool = False,
-    kernel_sampling: bool = False,
-    kernel_pages: bool = False,
+    kernel_sampling: bool | None = None,
+    kernel_pages: bool | None = None,
 ):
     """The step function for a :class:`~mpkir.models.loader.LoadedModel` on ``cpu`` or ``gpu``.
 
@@ -175,8 +190,9 @@ def make_backend(
     instead of the logits (no [T, V] copy back, no host argmax). ``kernel_sampling``: the resident kernel
     draws every request's token itself with the request's parameters (``mk_sample_row``, the ``sample``
     operator's semantics) and returns ids; ``kernel_pages``: the resident kernel allocates and frees the KV
-    pages itself (``codegen/mk_pages.cuh``; the engine only counts them). Both opt-in until measured on the
-    device."""
+    pages itself (``codegen/mk_pages.cuh``; the engine only counts them). Unset: ``$MPKIR_KERNEL_SAMPLING``
+    / ``$MPKIR_KERNEL_PAGES`` ("0" or "1"), else :data:`DEFAULT_KERNEL_SAMPLING` /
+    :data:`DEFAULT_KERNEL_PAGES`."""
     if device == "gpu":
         try:
             from mpkir.runtime import host  # the megakernel runtime (issue 4)
@@ -192,6 +208,8 @@ def make_backend(
         if kind not in GPU_BACKENDS:
             raise error(f"unknown GPU backend '{kind}' (choose from {', '.join(GPU_BACKENDS)})")
         if kind == "resident":
+            kernel_sampling = _switch(kernel_sampling, "MPKIR_KERNEL_SAMPLING", DEFAULT_KERNEL_SAMPLING)
+            kernel_pages = _switch(kernel_pages, "MPKIR_KERNEL_PAGES", DEFAULT_KERNEL_PAGES)
             output = "ids" if greedy_only else ("sample" if kernel_sampling else "logits")
             return factory(loaded.module, loaded.analysis, loaded.weights, resident=True, output=output,
                            kernel_pages=kernel_pages)

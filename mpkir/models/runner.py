@@ -74,13 +74,16 @@ def open_runner(
     progress: Progress | None = None,
     gpu_backend: str | None = None,
     greedy_only: bool = False,
+    kernel_sampling: bool | None = None,
+    kernel_pages: bool | None = None,
 ) -> Runner:
     """Load ``model`` (path or ``default``) and build an engine for ``batch`` concurrent requests.
 
     ``step_tokens`` is the token budget of one step (chunked prefill + decode), by default enough for
     every request's decode token and drafts plus a prefill chunk.  ``gpu_backend``: ``resident`` or ``step``
     (see :func:`mpkir.models.backends.make_backend`); ``greedy_only``: every request will be greedy (the
-    GPU then returns token ids, not logits).
+    GPU then returns token ids, not logits); ``kernel_sampling`` / ``kernel_pages``: the resident kernel
+    samples / allocates KV pages itself (None: the defaults of ``make_backend``).
     """
     device = pick_device(device)
     per_req = 1 + ((spec_k or 4) if speculative else 0)
@@ -110,6 +113,8 @@ def open_runner(
         float_storage="f32" if wdt == "f32" else None,
         gpu_backend=gpu_backend,
         greedy_only=greedy_only,
+        kernel_sampling=kernel_sampling,
+        kernel_pages=kernel_pages,
     )
     stops = list(loaded.tokenizer.eos_token_ids) if loaded.tokenizer is not None else []
     cfg = EngineConfig.from_serve(loaded.serve, stop_ids=stops)
