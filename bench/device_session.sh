@@ -1,6 +1,11 @@
 #!/bin/bash
 # One device call (machines are scarce): the pending GPU checks first (issues 5, 6), then issue 4's A/B and
-# traces in whatever time is left. Carry `.whl` (bench/device_pending.sh says how to fill it).
+# traces in whatever time is left:  run(command="bash bench/device_session.sh", carry=[".whl"])
+# .whl (git-ignored) holds lark, gguf and z3-solver wheels for Python 3.12 (forced found programs are proved
+# with Z3 before use); fill it here with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     lark==1.3.1 gguf==0.19.0 z3-solver==4.15.4.0
 bash bench/dev_setup.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
