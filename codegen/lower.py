@@ -528,8 +528,11 @@ class _Lowerer:
             part = self.add_buffer(f"argpart:{s.results[0]}", "scratch", (ntile, self.maxB, 2), "f32")
         mode_mma = os.environ.get("MPKIR_MMA", "auto")
         mma = K % 32 == 0 and (mode_mma == "1" or (mode_mma == "auto" and self.B > 2))
-        pipe = int(os.environ.get("MPKIR_MMA_PIPE", "0"))  # mk_linear_mma's weight stream: bits 1 and 2
-        gemv_pipe = int(os.environ.get("MPKIR_GEMV_PIPE", "0"))  # mk_linear's: 1 double-buffers it
+        # weight streams (bench/RESULTS.md, H100 2026-12-05): mk_linear_mma bit 1 double-buffers the K blocks
+        # (Qwen3-8B b8 13.1 -> 11.2 ms/step), bit 2 loads the first before the wait (slower: 14.0); mk_linear
+        # 1 double-buffers rows (Llama-1B b1 2.03 -> 2.00)
+        pipe = int(os.environ.get("MPKIR_MMA_PIPE", "1"))
+        gemv_pipe = int(os.environ.get("MPKIR_GEMV_PIPE", "1"))
 
         def mma_smem(ng: int) -> int:  # x of 8*ng tokens, split-K partials, rmsnorm reduction
             return TILE_B * ng * (K + 32) * 2 + ng * NWARP * 128 * 4 + NWARP * TILE_B * 4

@@ -484,6 +484,17 @@ def _final_op(plan: Plan) -> int:
     return sinks[0]
 
 
+def ring_slot_ints(released_off: int, page_slots: int) -> int:
+    """int32 words per ring slot: header, inputs, sampling rows, released slots, rounded up to 16 bytes
+    (the kernel reads the step number as a 64-bit word and the inputs with 16-byte loads from the slot)."""
+    return (released_off + page_slots + 3) // 4 * 4
+
+
+def _publish_step(slot: np.ndarray, it: int) -> None:
+    """Write step number ``it`` into a slot's first 64-bit word (the kernel's acquire load)."""
+    slot[:2].view(np.uint64)[0] = it
+
+
 def _stop_resident(state: dict) -> None:
     """Send "stop" through the ring and wait for the kernel to end (also the finaliser of a lost backend)."""
     if not state["running"]:
@@ -492,7 +503,7 @@ def _stop_resident(state: dict) -> None:
     it = state["it"] + 1
     slot = state["ring"][(it - 1) % state["ring"].shape[0]]
     slot[2] = 1
-    slot.view(np.uint64)[0] = it
+    _publish_step(slot, it)
     state["stream"].synchronize()
 
 
@@ -541,7 +552,7 @@ class ResidentBackend(StepBackend):
         self.io_copy_n, self.d_kpages, self.d_kcfg = self.io_n, None, None
         if kernel_pages:
             self._kernel_pages()
-        self.slot_ints = self.rel_off + (self.page_slots if kernel_pages else 0)
+        self.slot_ints = ring_slot_ints(self.rel_off, self.page_slots if kernel_pages else 0)
         if output == "sample" and mk.plan.smem_bytes < SAMPLE_SMEM:
             raise DeviceError(f"in-kernel sampling needs {SAMPLE_SMEM} B of shared memory per worker, the "
                               f"plan has {mk.plan.smem_bytes}")
@@ -691,7 +702,7 @@ class ResidentBackend(StepBackend):
         slot[5] = len(released)
         if released:
             slot[self.rel_off : self.rel_off + len(released)] = released
-        slot.view(np.uint64)[0] = it  # publish (x86 stores are seen in order)
+        _publish_step(slot, it)  # publish (x86 stores are seen in order)
         done, t0, n = self.h_done, time.perf_counter(), 0
         while done[0] < it:
             n += 1

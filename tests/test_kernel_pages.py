@@ -100,3 +100,17 @@ def test_the_kernel_pool_grows_a_request_page_by_page_and_refuses_when_dry():
     assert pool.step([1], [0], [8]) and pool.held()[1] == [] and len(pool.held()[0]) == 3
     assert pool.step([0, 7, -1], [], []) and pool.kp[0] == 5   # unknown slots are ignored
     assert pool.step([], [-1, 1], [40, 0]) and pool.held() == [[], [0]]   # padding rows take nothing
+
+
+@pytest.mark.parametrize("page_slots", range(10))
+def test_ring_slots_stay_16_byte_aligned(page_slots):
+    """Every ring slot starts 16-byte aligned whatever the number of request slots (the kernel reads the step
+    number as a 64-bit word and the inputs with 16-byte loads; an odd count used to break both), and the
+    host's step number lands in the slot's first 64-bit word."""
+    from mpkir.runtime.host import _publish_step, ring_slot_ints
+
+    width = ring_slot_ints(16 + 8 * 3, page_slots)
+    assert width % 4 == 0 and width >= 16 + 8 * 3 + page_slots
+    ring = np.zeros((3, width), np.int32)
+    _publish_step(ring[1], (2 << 32) + 5)
+    assert ring[1, :2].tolist() == [5, 2] and not ring[0].any() and not ring[2].any()
