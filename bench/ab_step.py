@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -19,13 +20,8 @@ CTX, STEPS = 1024, 64
 
 def time_variant(module, batch: int, env: dict[str, str]) -> tuple[float, np.ndarray]:
     """(ms per step, greedy tokens [STEPS, batch]) of the megakernel built under ``env``."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):
         mk = Megakernel(module, batch=batch)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     mk.init_random(0)
     toks = np.random.default_rng(1).integers(0, 1000, batch)
     mk.set_inputs(toks, np.full(batch, CTX))

@@ -135,7 +135,7 @@ __device__ __forceinline__ float mk_load_out(const MkTask& t, size_t o) {
   return t.a[25] ? __ldcg((const float*)t.p[2] + o) : mk_ld_bf16((const __nv_bfloat16*)t.p[2] + o);
 }
 
-// U 16-byte weight loads per lane of row r at K iteration i (zeros past the row's K segment [c1) or R).
+// U 16-byte weight loads of row r from chunk c on, 32 chunks apart (zeros at chunks >= c1 and rows >= R).
 template <int U>
 __device__ __forceinline__ void mk_gemv_load(const __nv_bfloat16* W, int K, int R, int r, int c, int c1,
                                              uint4 (&w)[U]) {

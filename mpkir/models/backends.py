@@ -169,7 +169,7 @@ def _switch(value: bool | None, env: str, default: bool) -> bool:
     if v in ("", "auto"):
         return default
     if v not in ("0", "1", "off", "on", "false", "true"):
-        raise error(f"{env}={v!r}: expected 0 or 1")
+        raise error(f"{env}={v!r}: expected 0 or 1 (or off/on, false/true)")
     return v in ("1", "on", "true")
 
 
