@@ -8,6 +8,7 @@ kernel, one dispatch.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 
 from mpkir.codegen.lower import NT, Plan
@@ -168,6 +169,8 @@ def emit_cuda(plan: Plan) -> str:
         f"{plan.num_sms} workers x {NT} threads, {plan.smem_bytes} B dynamic shared memory",
         f"#define MK_NT {NT}",
     ]
+    if os.environ.get("MPKIR_DESC_PREFETCH", "1") == "0":  # A/B switch of mk_kernel.cuh's descriptor prefetch
+        out.append("#define MK_DESC_PREFETCH 0")
     for h in _HEADERS:
         out.append(f"// ---- {h}")
         out.append(_strip_once(_read(h)))

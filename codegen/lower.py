@@ -42,6 +42,8 @@ NWARP = NT // 32
 TILE_B = 8
 SMEM_LIMIT = 227 * 1024 - 1024
 LINEAR_TILE_BYTES = 1024 * 1024  # measured: larger tiles win (per-task overhead), see bench/RESULTS.md
+BULK_STAGE_BYTES = 16 * 1024  # mk_linear_bulk: weight rows per ring stage, at least one (MPKIR_BULK_STAGE_KB)
+BULK_RING_BYTES = 128 * 1024  # ... and the ring's size (MPKIR_BULK_KB), 2 to 8 stages
 
 
 ROPE_ATTRS = ("theta", "style", "rotary_dim")
@@ -79,6 +81,12 @@ def halves64(bits: int) -> tuple[int, int]:
 
 def dbits(x: float) -> int:
     return struct.unpack("<Q", struct.pack("<d", float(x)))[0]
+
+
+def bulk_smem(K: int, R: int, rs: int, nst: int, tb: int) -> int:
+    """Shared memory of mk_linear_bulk<tb> (codegen/mk_tasks.cuh): ring, x, partials, reduction, barriers."""
+    head = nst * rs * K * 2 + tb * K * 2 + R * tb * (K // 256) * 4 + NWARP * TILE_B * 4
+    return -(-head // 8) * 8 + nst * 8
 
 
 SAMPLE_SMEM = NT * 8 + NT * 4 + 256 * 8 + 256 * 4 + 64  # MK_SMP_SMEM of codegen/mk_sample.cuh
@@ -521,7 +529,7 @@ class _Lowerer:
         osz = 4 if f32_out else 2
         if res_name != s.results[0]:
             self.values[s.results[0]] = self.values[res_name]
-        R = self.rows_per_task(N, K)
+        R = self.rows_per_task(self.sibling_rows(s, N, K), K)
         ntile = (N + R - 1) // R
         part = None
         if epi & 2:
@@ -541,7 +549,13 @@ class _Lowerer:
         groups = -(-self.B // TILE_B)
         fits = [ng for ng in (1, 2, 4) if mma_smem(ng) <= SMEM_LIMIT]
         ng = next((n for n in fits if n >= groups), fits[-1])
-        smem = mma_smem(ng) if mma else TILE_B * K * 2 + 2 * NWARP * TILE_B * 4
+        bulk = None if mma else self.bulk_ring(K, R)
+        if mma:
+            smem = mma_smem(ng)
+        elif bulk:
+            smem = bulk_smem(K, R, *bulk, self.B)
+        else:
+            smem = TILE_B * K * 2 + 2 * NWARP * TILE_B * 4
         self.smem = max(getattr(self, "smem", 0), smem)
         if smem > SMEM_LIMIT:
             raise _err(f"linear K={K} needs {smem} B of shared memory (limit {SMEM_LIMIT})", s)
@@ -562,6 +576,9 @@ class _Lowerer:
                 widths = (2, 1) if pipe & 1 else (4, 2, 1)  # double-buffered: half the loads per buffer
                 u = next(u for u in widths if K % (32 * u) == 0)
                 variant = f"mk_linear_mma<{u},{ng},{pipe}>"
+            elif bulk:
+                ta[26], ta[27] = bulk
+                variant = f"mk_linear_bulk<{self.B}>"
             else:
                 u = max(1, min(8, math.ceil(K / 8 / max(1, NWARP // max(r, 1)) / 32)))
                 u = 1 << (u - 1).bit_length()
@@ -616,6 +633,35 @@ class _Lowerer:
         self.smem = max(getattr(self, "smem", 0), SAMPLE_SMEM)
         self.logits = logits
         self.final_op = self.add_op(s.results[0], "sample", tasks, [logits, pos], [outb, "hist"])
+
+    def sibling_rows(self, s, N: int, K: int) -> int:
+        """The rows that share this linear's tiling: with MPKIR_COTILE (default on), every bias-free linear of
+        the same K reading the same x (q/k/v, gate/up) counts, so siblings are cut into tiles of one size and
+        together take one task per worker instead of each op one per worker; else ``N`` alone."""
+        if os.environ.get("MPKIR_COTILE", "1") == "0":
+            return N
+        x = s.operands[0]
+        sib = [
+            u for u in self.uses.get(x.name, [])
+            if isinstance(u, ir.OpStmt) and u.op == "linear" and len(u.operands) == 2 and u.operands[0] == x
+        ]
+        rows = [self.buffers[self.val(u.operands[1])].shape for u in sib]
+        mine = any(u is s for u in sib)
+        return sum(n for n, _ in rows) if mine and all(k == K for _, k in rows) else N
+
+    def bulk_ring(self, K: int, R: int) -> tuple[int, int] | None:
+        """``(rows per stage, stages)`` of mk_linear_bulk for a CUDA-core tile of R rows of K, or None where
+        the register-streaming mk_linear serves: by default (MPKIR_GEMV=bulk asks for it; slower on the
+        H100, bench/RESULTS.md), K not a multiple of 256, or no room."""
+        if os.environ.get("MPKIR_GEMV", "regs") != "bulk" or K % 256:
+            return None
+        stage = int(os.environ.get("MPKIR_BULK_STAGE_KB", BULK_STAGE_BYTES // 1024)) * 1024
+        rs = max(1, stage // (K * 2))
+        ring = int(os.environ.get("MPKIR_BULK_KB", BULK_RING_BYTES // 1024)) * 1024
+        for nst in range(min(8, max(2, ring // (rs * K * 2))), 1, -1):
+            if bulk_smem(K, R, rs, nst, self.B) <= SMEM_LIMIT:
+                return rs, nst
+        return None
 
     def rows_per_task(self, N: int, K: int) -> int:
         k = 1

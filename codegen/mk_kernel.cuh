@@ -7,6 +7,9 @@
 //   mk_megakernel_serve  resident serving: each step's inputs come from a ring in pinned host memory, its
 //                        logits (or argmax ids) go back to pinned memory, until the host sends "stop"
 #pragma once
+#ifndef MK_DESC_PREFETCH
+#define MK_DESC_PREFETCH 1  // load the next ahead-of-time task's descriptor while a task runs (MPKIR_DESC_PREFETCH)
+#endif
 
 // One walk of this SM's task list for step `it` (waits, JIT tickets) over B live tokens; the bodies see step
 // `body_it` (the serving kernel passes 1: each step's tokens and positions are fresh inputs, as in a launch's
@@ -17,6 +20,9 @@ __device__ __forceinline__ bool mk_walk(const MkTask* __restrict__ tasks, const 
                                         long long spin_limit, int* jit_tickets, int body_it, char* smem,
                                         MkTask& s_task, int& s_jit) {
   const int sm = blockIdx.x;
+  // the next ahead-of-time task's descriptor, loaded into registers (threads 0..13) while this task runs
+  uint4 next_desc = make_uint4(0, 0, 0, 0);
+  int next_tid = -1;
   for (int i = beg; i < end; ++i) {
     int tid = list[i];
     if (tid < 0) {  // JIT slot of op -(tid+1): claim its next unclaimed task of this step (CAS on a ticket)
@@ -37,8 +43,18 @@ __device__ __forceinline__ bool mk_walk(const MkTask* __restrict__ tasks, const 
       if (tid < 0) continue;
       --i;  // come back to this slot for another ticket
     }
-    if (threadIdx.x < (int)(sizeof(MkTask) / 16)) ((uint4*)&s_task)[threadIdx.x] = ((const uint4*)(tasks + tid))[threadIdx.x];
+    constexpr int kDescWords = (int)(sizeof(MkTask) / 16);
+    if (threadIdx.x < kDescWords)
+      ((uint4*)&s_task)[threadIdx.x] =
+          MK_DESC_PREFETCH && tid == next_tid ? next_desc : ((const uint4*)(tasks + tid))[threadIdx.x];
     __syncthreads();
+    next_tid = i + 1 < end ? list[i + 1] : -1;  // (a JIT slot, negative, is claimed when reached)
+    if (MK_DESC_PREFETCH && next_tid >= 0 && threadIdx.x < kDescWords) next_desc = ((const uint4*)(tasks + next_tid))[threadIdx.x];
+    // the signal is read now: s_task is rewritten as soon as the task's last barrier has passed
+    const int signal_ev = s_task.a[1];
+#ifdef MK_COLLECTIVES
+    const bool signal_sys = s_task.a[14] != 0;
+#endif
     unsigned long long t0 = 0;
     if (threadIdx.x == 0) {
       t0 = mk_globaltimer();
@@ -51,9 +67,9 @@ __device__ __forceinline__ bool mk_walk(const MkTask* __restrict__ tasks, const 
     if (!mk_block_wait(s_task)) return false;  // (no-op when the body waited) every task waits before signalling
     if (threadIdx.x == 0) {
 #ifdef MK_COLLECTIVES  // a[14]: peers on other GPUs wait on this event (tensor parallel)
-      if (s_task.a[14]) { __threadfence_system(); mk_red_release_sys(counters + s_task.a[1], 1ull); } else
+      if (signal_sys) { __threadfence_system(); mk_red_release_sys(counters + signal_ev, 1ull); } else
 #endif
-      mk_red_release(counters + s_task.a[1], 1ull);
+      mk_red_release(counters + signal_ev, 1ull);
       if (trace && ntrace < trace_cap) {
         unsigned long long* e = trace + ((size_t)sm * trace_cap + ntrace) * 4;
         e[0] = ((unsigned long long)it << 32) | (unsigned)tid; e[1] = t0; e[2] = mk_wctx.t1; e[3] = mk_globaltimer();
@@ -227,12 +243,7 @@ mk_megakernel_serve(const MkTask* __restrict__ tasks, const int* __restrict__ li
         else v = mk_ld_bf16((const __nv_bfloat16*)logits + (long long)sm * logits_ld + c);
         if (v > best || (v == best && c < arg)) { best = v; arg = c; }
       }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        const float ob = __shfl_xor_sync(0xffffffffu, best, off);
-        const int oa = __shfl_xor_sync(0xffffffffu, arg, off);
-        if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
-      }
+      mk_warp_argmax(best, arg);
       if ((threadIdx.x & 31) == 0) { s_max[threadIdx.x >> 5] = best; s_arg[threadIdx.x >> 5] = arg; }
       __syncthreads();
       if (threadIdx.x == 0) {

@@ -56,6 +56,32 @@ __device__ __forceinline__ void mk_prefetch_l2(const void* p, unsigned bytes) {
     bytes -= n;
   }
 }
+// Bulk copies of static data (weights) into shared memory, completed on an mbarrier (Hopper's copy engine:
+// many bytes in flight per SM without registers). A barrier is initialised for one arrival per phase; the
+// issuing thread arrives with the phase's byte count, the copy completes the transaction, waiters poll the
+// phase parity. mk_bulk_fence orders this CTA's earlier generic-proxy shared-memory accesses before the copies.
+__device__ __forceinline__ unsigned mk_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mk_mbar_init(unsigned long long* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(mk_smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mk_mbar_inval(unsigned long long* bar) {
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(mk_smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mk_bulk_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n\tfence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void mk_bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mk_smem_addr(bar)), "r"(bytes)
+               : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(mk_smem_addr(dst)), "l"(src), "r"(bytes), "r"(mk_smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mk_mbar_wait(unsigned long long* bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+                 "selp.u32 %0, 1, 0, p;\n\t}" : "=r"(done) : "r"(mk_smem_addr(bar)), "r"(parity) : "memory");
+}
 // 16-byte streaming load of static data (weights): read-only path, no L1 allocation.
 __device__ __forceinline__ uint4 mk_ld_weight(const void* p) {
   uint4 r;

@@ -135,6 +135,36 @@ __device__ __forceinline__ float mk_load_out(const MkTask& t, size_t o) {
   return t.a[25] ? __ldcg((const float*)t.p[2] + o) : mk_ld_bf16((const __nv_bfloat16*)t.p[2] + o);
 }
 
+// The warp's (max, first index): larger values win, equal values keep the lower index (as numpy's argmax).
+__device__ __forceinline__ void mk_warp_argmax(float& best, int& bi) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+  }
+}
+
+// Stage 1 of argmax (epilogue flag 2): per token b0 .. b0+nb, the (max, first index) of this tile's R outputs
+// (as the tile wrote them) into its partials p6; a23 is the tile's first column.
+__device__ __forceinline__ void mk_tile_argmax(const MkTask& t, int b0, int nb) {
+  const int R = t.a[17], NS = t.a[18];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int b = warp; b < nb; b += MK_NWARP) {
+    float best = MK_NEG_INF;
+    int bi = 0x7fffffff;
+    for (int r = lane; r < R; r += 32) {
+      float v = mk_load_out(t, (size_t)(b0 + b) * NS + r);
+      if (v > best || (v == best && r < bi)) { best = v; bi = r; }
+    }
+    mk_warp_argmax(best, bi);
+    if (lane == 0) {
+      ((float*)t.p[6])[2 * (b0 + b)] = best;
+      ((int*)t.p[6])[2 * (b0 + b) + 1] = bi + t.a[23];
+    }
+  }
+}
+
 // U 16-byte weight loads of row r from chunk c on, 32 chunks apart (zeros at chunks >= c1 and rows >= R).
 template <int U>
 __device__ __forceinline__ void mk_gemv_load(const __nv_bfloat16* W, int K, int R, int r, int c, int c1,
@@ -237,28 +267,94 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
       }
       __syncthreads();
     }
-    if (epi & 2) {  // stage 1 of argmax: (max, first index) of this tile per token
-      for (int b = warp; b < nb; b += MK_NWARP) {
-        float best = MK_NEG_INF;
-        int bi = 0x7fffffff;
-        for (int r = lane; r < R; r += 32) {
-          float v = mk_load_out(t, (size_t)(b0 + b) * NS + r);
-          if (v > best || (v == best && r < bi)) { best = v; bi = r; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          float ov = __shfl_xor_sync(0xffffffffu, best, o);
-          int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-          if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
-        }
-        if (lane == 0) {
-          ((float*)t.p[6])[2 * (b0 + b)] = best;
-          ((int*)t.p[6])[2 * (b0 + b) + 1] = bi + t.a[23];
-        }
-      }
-    }
+    if (epi & 2) mk_tile_argmax(t, b0, nb);
     __syncthreads();
   }
+}
+
+// ---------------------------------------------------------------- linear tile, bulk-copied weight stream
+// Same parameters and semantics as mk_linear (CUDA cores, up to TB tokens per pass), for K % 256 == 0. The
+// tile's R rows are one contiguous range of W: they stream through a ring of a27 stages of a26 rows each in
+// shared memory (mk_bulk_load, one mbarrier per stage), and the first a27 stages are issued before the
+// dependency wait (weights never depend on it). Thread t takes chunks t, t + MK_NT, .. (16 bytes each) of a
+// stage; a warp's 32 chunks are one 256-column segment of one row, whose dot product goes to that (row,
+// segment)'s partial; each output sums its row's partials in segment order.
+// Shared memory: ring [a27][a26 * K] bf16, x [TB][K] bf16, partials [R][TB][K / 256] f32, rmsnorm reduction,
+// then the a27 barriers (MK_BULK_SMEM in codegen/lower.py).
+template <int TB>
+__device__ void mk_linear_bulk(const MkTask& t, int it, int B, char* smem) {
+  const int K = t.a[16], R = t.a[17], NS = t.a[18], epi = t.a[22], RS = t.a[26], NSTG = t.a[27];
+  const int KC = K / 8, NSEG = K / 256, SB = RS * K * 2;
+  const int lane = threadIdx.x & 31;
+  __nv_bfloat16* xs = (__nv_bfloat16*)(smem + (size_t)NSTG * SB);
+  float* part = (float*)(xs + (size_t)TB * K);
+  float* red = part + (size_t)R * TB * NSEG;
+  const size_t bar_off = ((size_t)((char*)(red + MK_NWARP * MK_TILE_B) - smem) + 7) & ~(size_t)7;
+  unsigned long long* bar = (unsigned long long*)(smem + bar_off);
+  const char* W = (const char*)t.p[1];
+  const int nst = (R + RS - 1) / RS, total = nst * ((B + TB - 1) / TB);
+  auto issue = [&](int g) {  // stage g (of all token passes) into its ring slot
+    const int slot = g % NSTG, st = g % nst;
+    const unsigned bytes = (unsigned)(min(RS, R - st * RS) * K * 2);
+    mk_bulk_load(smem + (size_t)slot * SB, W + (size_t)st * SB, bytes, bar + slot);
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < NSTG; ++s) mk_mbar_init(bar + s);
+    mk_bulk_fence();
+    for (int g = 0; g < min(NSTG, total); ++g) issue(g);
+  }
+  if (!mk_block_wait(t)) {  // aborting: the issued copies land before the CTA leaves
+    if (threadIdx.x == 0)
+      for (int g = 0; g < min(NSTG, total); ++g) mk_mbar_wait(bar + g, 0u);
+    return;
+  }
+  for (int b0 = 0, g = 0; b0 < B; b0 += TB) {
+    const int nb = min(TB, B - b0);
+    mk_stage_x(t, b0, nb, xs, K, red);
+    __syncthreads();
+    for (int st = 0; st < nst; ++st, ++g) {
+      const int slot = g % NSTG;
+      mk_mbar_wait(bar + slot, (unsigned)(g / NSTG) & 1u);
+      const uint4* ws = (const uint4*)(smem + (size_t)slot * SB);
+      const int nch = min(RS, R - st * RS) * KC;  // a multiple of 32: warp-uniform trip counts
+      for (int j = threadIdx.x; j < nch; j += MK_NT) {
+        const int rl = j / KC, c = j - rl * KC;
+        float wf[8], acc[TB];
+        mk_unpack8(ws[j], wf);
+#pragma unroll
+        for (int b = 0; b < TB; ++b) {
+          acc[b] = 0.f;
+          if (b < nb) {
+            float xf[8];
+            mk_unpack8(*(const uint4*)(xs + (size_t)b * K + c * 8), xf);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[b] = fmaf(wf[e], xf[e], acc[b]);
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < TB; ++b) {
+          if (b < nb) {
+            const float v = mk_warp_sum(acc[b]);
+            if (lane == 0) part[((size_t)(st * RS + rl) * TB + b) * NSEG + c / 32] = v;
+          }
+        }
+      }
+      __syncthreads();  // the slot is consumed: refill it
+      if (threadIdx.x == 0 && g + NSTG < total) issue(g + NSTG);
+    }
+    for (int i = threadIdx.x; i < R * nb; i += MK_NT) {
+      const int r = i / nb, b = i - r * nb;
+      const float* pp = part + ((size_t)r * TB + b) * NSEG;
+      float v = 0.f;
+      for (int s = 0; s < NSEG; ++s) v += pp[s];
+      mk_store_out(t, (size_t)(b0 + b) * NS + r, v);
+    }
+    __syncthreads();
+    if (epi & 2) mk_tile_argmax(t, b0, nb);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0)  // the memory goes back to other bodies
+    for (int s = 0; s < NSTG; ++s) mk_mbar_inval(bar + s);
 }
 
 // ---------------------------------------------------------------- argmax stage 2
@@ -277,12 +373,7 @@ __device__ void mk_argmax_final(const MkTask& t, int it, int B, char* smem) {
     int ix = __ldcg((const int*)pf + 2 * ((size_t)i * maxB + b) + 1);
     if (v > best || (v == best && ix < bi)) { best = v; bi = ix; }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    float ov = __shfl_xor_sync(0xffffffffu, best, o);
-    int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
-  }
+  mk_warp_argmax(best, bi);
   float* sv = (float*)smem;
   int* si = (int*)(sv + MK_NWARP);
   if ((threadIdx.x & 31) == 0) { sv[threadIdx.x >> 5] = best; si[threadIdx.x >> 5] = bi; }
@@ -658,26 +749,7 @@ __device__ void mk_linear_mma(const MkTask& t, int it, int B, char* smem) {
       }
       __syncthreads();
     }
-    if (epi & 2) {
-      for (int b = warp; b < nbt; b += MK_NWARP) {
-        float best = MK_NEG_INF;
-        int bi = 0x7fffffff;
-        for (int r = lane; r < R; r += 32) {
-          float v = mk_load_out(t, (size_t)(b0 + b) * NS + r);
-          if (v > best || (v == best && r < bi)) { best = v; bi = r; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          float ov = __shfl_xor_sync(0xffffffffu, best, o);
-          int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-          if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
-        }
-        if (lane == 0) {
-          ((float*)t.p[6])[2 * (b0 + b)] = best;
-          ((int*)t.p[6])[2 * (b0 + b) + 1] = bi + t.a[23];
-        }
-      }
-    }
+    if (epi & 2) mk_tile_argmax(t, b0, nbt);
     __syncthreads();
   }
 }

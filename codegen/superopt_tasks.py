@@ -728,7 +728,7 @@ def _linear_tiles(op: Op, fixed: dict, rows: dict, args: dict[int, int], keys: s
     for t in tasks:
         want = {**fixed, **{k: (b, n0 * per_row) for k, (b, per_row) in rows.items()}}
         ok = (
-            t.variant.startswith(("mk_linear<", "mk_linear_mma<"))
+            t.variant.startswith(("mk_linear<", "mk_linear_mma<", "mk_linear_bulk<"))
             and all(t.p.get(k) == v for k, v in want.items())
             and set(t.p) <= keys
             and all(t.a.get(k, 0) == v for k, v in {**args, 18: N, 23: n0}.items())

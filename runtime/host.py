@@ -10,6 +10,7 @@ host memory, see ``mk_megakernel_serve`` in codegen/mk_kernel.cuh).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import time
 import weakref
@@ -61,10 +62,33 @@ class DeviceError(RuntimeError):
     pass
 
 
-def task_table(plan: Plan, ptr, prefetch: bool = False) -> np.ndarray:
+def prefetch_settings() -> tuple[bool, int]:
+    """(own tile, KiB of the next task's tile) from MPKIR_PREFETCH and MPKIR_PREFETCH_NEXT_KB."""
+    return os.environ.get("MPKIR_PREFETCH", "0") != "0", int(os.environ.get("MPKIR_PREFETCH_NEXT_KB", "0"))
+
+
+def next_task_prefetch(plan: Plan, kb: int) -> dict[int, tuple[str, int, int]]:
+    """Task id -> the first ``kb`` KiB of the weight range of the next ahead-of-time task in its SM's list
+    (which the task prefetches into L2 before its own wait: the next tile's weights stream while this SM
+    would otherwise idle), for every task followed by a task with a weight tile."""
+    tasks = [t for o in plan.ops for t in o.tasks]
+    out = {}
+    for lst in plan.lists:
+        aot = [x for x in lst if x >= 0]
+        for a, b in itertools.pairwise(aot):
+            if tasks[b].prefetch:
+                bn, off, nb = tasks[b].prefetch
+                out[a] = (bn, off, min(nb, kb * 1024))
+    return out
+
+
+def task_table(plan: Plan, ptr, prefetch: bool = False, prefetch_next_kb: int = 0) -> np.ndarray:
     """The plan's tasks as ``MkTask`` records (``TASK_DTYPE``), in op order: pointers (``ptr``: buffer name ->
     address, plus each task's byte offset), body parameters, variant index, signalled event, waited events
-    with their lag bits and triggers, and with ``prefetch`` the weight-prefetch range."""
+    with their lag bits and triggers, and the L2 weight prefetch issued before the task's wait: with
+    ``prefetch`` its own tile, with ``prefetch_next_kb`` the start of the next task's (see
+    :func:`next_task_prefetch`)."""
+    nxt = next_task_prefetch(plan, prefetch_next_kb) if prefetch_next_kb > 0 else {}
     var = {v: i for i, v in enumerate(plan.variants)}
     tab = np.zeros(plan.num_tasks, dtype=TASK_DTYPE)
     ntr = [len(o.tasks) for o in plan.ops]
@@ -86,8 +110,9 @@ def task_table(plan: Plan, ptr, prefetch: bool = False) -> np.ndarray:
             for j, (ev, _) in enumerate(waits):
                 row["a"][4 + j] = ev
                 row["a"][8 + j] = ntr[ev]
-            if prefetch and t.prefetch:
-                bn, off, nb = t.prefetch
+            pf = nxt.get(k) if nxt else (t.prefetch if prefetch else None)
+            if pf:
+                bn, off, nb = pf
                 row["p"][11] = ptr[bn] + off
                 row["a"][12] = nb & ~15
             k += 1
@@ -190,6 +215,9 @@ class Megakernel:
                 f"{self.plan.smem_bytes} B dynamic smem -> occupancy {occ}; refusing to launch"
             )
         self.spin_limit = spin_limit
+        # L2 weight prefetch before each task's wait (bench/RESULTS.md): of its own tile (MPKIR_PREFETCH=1),
+        # or of the first KiB of the next task's on its SM (MPKIR_PREFETCH_NEXT_KB)
+        self.prefetch_own, self.prefetch_next_kb = prefetch_settings()
         self.bufs: dict[str, object] = {}
         self.B = self.plan.batch
         self._alloc()
@@ -249,7 +277,8 @@ class Megakernel:
         cp = self.cp
         plan = self.plan
         ptr = {n: int(a.data.ptr) for n, a in self.bufs.items()}
-        tab = task_table(plan, ptr, prefetch=os.environ.get("MPKIR_PREFETCH", "0") != "0")
+        own, next_kb = getattr(self, "prefetch_own", False), getattr(self, "prefetch_next_kb", 0)
+        tab = task_table(plan, ptr, prefetch=own, prefetch_next_kb=next_kb)
         off = np.zeros(plan.num_sms + 1, dtype=np.int32)
         off[1:] = np.cumsum([len(lst) for lst in plan.lists])
         flat = np.array([x for lst in plan.lists for x in lst], dtype=np.int32)

@@ -4,6 +4,7 @@ sm_90a (``nvcc -gencode arch=compute_90a,code=sm_90a -c``)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,27 @@ def test_sampling_rows_pack_as_the_serving_kernel_reads_them():
     assert not w[2:].any()
     with pytest.raises(ValueError, match="at most 1"):
         pack_sampling_rows(rows, 1)
+
+
+@pytest.mark.parametrize("kb", [0, 64])
+def test_next_task_prefetch_points_at_the_next_tile_on_the_same_sm(kb):
+    """MPKIR_PREFETCH_NEXT_KB: each task's L2 prefetch range is the start of the weight tile of the next
+    ahead-of-time task in its SM's list (JIT slots skipped), at most ``kb`` KiB; off, no task prefetches."""
+    from mpkir.runtime.host import task_table
+
+    plan = _plan("llama3_2_1b", 1)
+    tasks = [t for o in plan.ops for t in o.tasks]
+    ptr = {n: (i + 1) << 32 for i, n in enumerate(plan.buffers)}
+    tab = task_table(plan, ptr, prefetch_next_kb=kb)
+    checked = 0
+    for lst in plan.lists:
+        aot = [x for x in lst if x >= 0]
+        for a, b in itertools.pairwise(aot):
+            got = (int(tab[a]["p"][11]), int(tab[a]["a"][12]))
+            if kb == 0 or not tasks[b].prefetch:
+                assert got == (0, 0)
+                continue
+            bn, off, nb = tasks[b].prefetch
+            assert got == (ptr[bn] + off, min(nb, kb * 1024) & ~15)
+            checked += 1
+    assert checked > (plan.num_tasks // 2 if kb else -1)

@@ -100,14 +100,32 @@ def test_greedy_steps_in_one_run_give_the_interpreters_tokens(tiny):
     assert cpu.tokens().tolist() == _greedy_tokens(m, tok, pos, 4)
 
 
-def test_cuda_core_linears_of_a_small_batch(tiny_llama):
-    """Batch 2 takes the CUDA-core GEMV (mk_linear<U>, warp-shuffle sums; slow to emulate: one step)."""
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """A tiny Llama whose linears have K = 256 and 512: the bulk-copied GEMV applies to every one of them."""
+    ck = write_tiny_checkpoint(tmp_path_factory.mktemp("cpu_mk_wide"), "llama", seed=6, hidden=256,
+                               intermediate=512)
+    return ck, load_model(ck["dir"], serve=SERVE)
+
+
+@pytest.mark.parametrize("gemv", ["regs", "bulk"])
+def test_cuda_core_linears_of_a_small_batch(tiny_llama, wide_llama, gemv, monkeypatch):
+    """Batch 2 takes a CUDA-core GEMV (slow to emulate: one step): mk_linear<U> (weights streamed through
+    registers), or mk_linear_bulk (a ring of 2 bulk-copied stages of 2 rows each, wrapped many times: the
+    rmsnorm and silu prologues, the residual and argmax epilogues), q/k/v and gate/up tiled together."""
     from mpkir.testing.cpu_kernel import CpuMegakernel
 
-    ck, m = tiny_llama
+    monkeypatch.setenv("MPKIR_GEMV", gemv)
+    monkeypatch.setenv("MPKIR_BULK_STAGE_KB", "1")
+    monkeypatch.setenv("MPKIR_BULK_KB", "2")
+    ck, m = tiny_llama if gemv == "regs" else wide_llama
     plan = lower(m.module, num_sms=8, greedy=True, batch=2)
-    assert any(v.startswith("mk_linear<") for v in plan.variants)
-    assert not any(v.startswith("mk_linear_mma") for v in plan.variants)
+    linears = [t.variant for o in plan.ops if o.kind == "linear" for t in o.tasks]
+    assert all(v.startswith("mk_linear<" if gemv == "regs" else "mk_linear_bulk<2>") for v in linears)
+    if gemv == "bulk":
+        q, k, v = (o for o in plan.ops if o.kind == "linear" and o.name in ("q.0", "k.0", "v.0"))
+        assert len(q.tasks) + len(k.tasks) + len(v.tasks) == 8
+        assert {t.a[17] for o in (q, k, v) for t in o.tasks} == {64}
     cpu = CpuMegakernel(plan, nt=64)
     cpu.load_weights(m.weights)
     tok, pos = [ck["prompts"][1][0], ck["prompts"][2][0]], [0, 0]

@@ -218,6 +218,22 @@ static inline void mk_unpack8(uint4 v, float* f) {
   }
 }
 static inline float mk_warp_sum(float v) { return mk_cpu_warp_sum(v); }
+// bulk copies into shared memory: the issuing thread copies at once and completes the barrier's phase (the
+// barrier word counts completed phases; a wait for parity p returns once phase p is complete)
+static inline void mk_mbar_init(unsigned long long* bar) {
+  std::atomic_ref<unsigned long long>(*bar).store(0);
+}
+static inline void mk_mbar_inval(unsigned long long*) {}
+static inline void mk_bulk_fence() {}
+static inline void mk_bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+  std::memcpy(dst, src, bytes);
+  std::atomic_ref<unsigned long long>(*bar).fetch_add(1, std::memory_order_release);
+}
+static inline void mk_mbar_wait(unsigned long long* bar, unsigned parity) {
+  while ((std::atomic_ref<unsigned long long>(*bar).load(std::memory_order_acquire) & 1u) == parity)
+    std::this_thread::yield();
+}
+
 static inline float mk_af(const MkTask& t, int i) { return __int_as_float(t.a[i]); }
 """
 

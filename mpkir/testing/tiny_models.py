@@ -24,14 +24,15 @@ def tiny_config(kind: str, vocab: int, hidden: int = 128, head_dim: int = 64, in
     return {**c, "model_type": "llama", "rope_theta": 500000.0, "tie_word_embeddings": False}
 
 
-def write_tiny_checkpoint(directory: Path, kind: str, seed: int, n_prompts: int = 4) -> dict:
-    """Tokenizer + random weights + config in ``directory``: {dir, prompts (token ids), kind, cfg}."""
+def write_tiny_checkpoint(directory: Path, kind: str, seed: int, n_prompts: int = 4, **sizes) -> dict:
+    """Tokenizer + random weights + config in ``directory``: {dir, prompts (token ids), kind, cfg};
+    ``sizes``: :func:`tiny_config`'s (hidden, intermediate, ...)."""
     from mpkir.models.reference import random_checkpoint
     from mpkir.models.safetensors_loader import save_checkpoint
     from mpkir.models.tokenizer import write_tiny_tokenizer
 
     tok = write_tiny_tokenizer(directory)
-    cfg = tiny_config(kind, tok.vocab_size)
+    cfg = tiny_config(kind, tok.vocab_size, **sizes)
     save_checkpoint(directory, random_checkpoint(cfg, seed=seed), cfg)
     return {"dir": directory, "prompts": [tok.encode(s) for s in PROMPT_TEXTS[:n_prompts]], "kind": kind,
             "cfg": cfg}
