@@ -663,6 +663,15 @@ class _Lowerer:
                 return rs, nst
         return None
 
+    def claim_just_in_time(self, n_tasks: int) -> bool:
+        """Whether an attention op's tasks are claimed just in time (a ticket per task, taken by whichever
+        worker reaches the op's slot first) instead of placed in the workers' ahead-of-time lists. MPKIR_JIT=1
+        or 0 decides; by default only ops of more than two waves of tasks, whose finishing order no placement
+        can know: claiming costs two atomics per task and contended retries (Llama-3.2-1B batch 1: 1.80
+        ms/step with claimed attention, 1.42 placed; H100, bench/RESULTS.md)."""
+        mode = os.environ.get("MPKIR_JIT", "auto")
+        return mode == "1" or (mode == "auto" and n_tasks > 2 * self.num_sms)
+
     def rows_per_task(self, N: int, K: int) -> int:
         k = 1
         while True:
@@ -810,7 +819,7 @@ class _Lowerer:
             tasks,
             [q, k, v, pt, pos, sid, kc, vc],
             [part or out],
-            jit=True,
+            jit=self.claim_just_in_time(len(tasks)),
         )
         if part:
             mt = [

@@ -685,7 +685,7 @@ class _Rewriter:
         if len(fused.programs) > 1 and fused.programs[1].name != "attn_merge":
             raise _Skip(f"program {fused.programs[1].name}: not the split-KV merge")
         scale = fbits(float(e["consts"]["scale"]))
-        if op.kind != "attention" or not op.jit:
+        if op.kind != "attention":
             raise _Skip(f"op {op.name} is a {op.kind} op, not the hand-written paged attention")
         for t in op.tasks:
             if (
@@ -704,7 +704,7 @@ class _Rewriter:
             raise _Skip(f"the paged tiling of {roles.split.name} is not proved: {proof}")
         var = self.paged_variant(as_paged(roles.split))
         tasks = [dataclasses.replace(t, variant=var.variant, p=dict(t.p), a=dict(t.a)) for t in op.tasks]
-        self.replace[i] = [_New(op.name, op.kind, tasks, [(("old", d), lag) for d, lag in op.deps], True)]
+        self.replace[i] = [_New(op.name, op.kind, tasks, [(("old", d), lag) for d, lag in op.deps], op.jit)]
         S = op.tasks[0].a[19]
         return (
             f"{len(tasks)} tasks of {var.variant} (found {roles.split.name}, {roles.rows}-row tiles over the "

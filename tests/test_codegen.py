@@ -290,3 +290,17 @@ def test_next_task_prefetch_points_at_the_next_tile_on_the_same_sm(kb):
             assert got == (ptr[bn] + off, min(nb, kb * 1024) & ~15)
             checked += 1
     assert checked > (plan.num_tasks // 2 if kb else -1)
+
+
+def test_prefetch_settings_default_and_switches(monkeypatch):
+    """By default each task prefetches the start of its SM's next tile; MPKIR_PREFETCH=1 (own tile) replaces
+    it, MPKIR_PREFETCH_NEXT_KB sizes it (0: off)."""
+    from mpkir.runtime.host import PREFETCH_NEXT_KB, prefetch_settings
+
+    monkeypatch.delenv("MPKIR_PREFETCH", raising=False)
+    monkeypatch.delenv("MPKIR_PREFETCH_NEXT_KB", raising=False)
+    assert prefetch_settings() == (False, PREFETCH_NEXT_KB) and PREFETCH_NEXT_KB > 0
+    monkeypatch.setenv("MPKIR_PREFETCH_NEXT_KB", "0")
+    assert prefetch_settings() == (False, 0)
+    monkeypatch.setenv("MPKIR_PREFETCH", "1")
+    assert prefetch_settings() == (True, 0)

@@ -57,6 +57,26 @@ def test_multi_step_launch_advances():
     assert mk.bufs["in:positions"].get()[:2].tolist() == [10, 14]
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_attention_claimed_just_in_time_gives_the_placed_plans_tokens(batch, monkeypatch):
+    """Both launch modes of the attention tasks (MPKIR_JIT: tickets claimed by whichever worker comes first,
+    or placed in the ahead-of-time lists) run the same bodies on the same inputs: the same 8 greedy tokens."""
+    from mpkir.runtime.host import Megakernel
+
+    m, _ = parse_file(str(EXAMPLE))
+    toks = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MPKIR_JIT", mode)
+        mk = Megakernel(m, batch=batch)
+        assert any(o.jit for o in mk.plan.ops) == (mode == "1")
+        mk.init_random(2)
+        mk.set_inputs(np.arange(batch) * 101 + 7, np.full(batch, 150))
+        mk.launch(8)
+        toks[mode] = mk.tokens()
+        del mk
+    assert (toks["1"] >= 0).all() and np.array_equal(toks["1"], toks["0"])
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 50, 0.9), (1.0, 0, 1.0), (0.6, 0, 0.9)])
 def test_sample_task_draws_the_operators_token(temperature, top_k, top_p):
     """A graph that samples: the mk_sample tasks' tokens equal the sample operator's reference on the
