@@ -582,7 +582,8 @@ class _Lowerer:
             else:
                 u = max(1, min(8, math.ceil(K / 8 / max(1, NWARP // max(r, 1)) / 32)))
                 u = 1 << (u - 1).bit_length()
-                variant = f"mk_linear<{min(u, 4 if gemv_pipe else 8)},{gemv_pipe}>"  # pipe: 2 buffers
+                u_max = int(os.environ.get("MPKIR_GEMV_U_MAX", 4 if gemv_pipe else 8))  # pipe: 2 buffers
+                variant = f"mk_linear<{min(u, u_max)},{gemv_pipe}>"
             tasks.append(Task(variant, tp, ta, cost=r * K * 2 + 4096, prefetch=(W, n0 * K * 2, r * K * 2)))
         writes = [out] + ([part] if part else [])
         self.add_op(res_name, "linear", tasks, reads, writes)
