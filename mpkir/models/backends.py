@@ -156,8 +156,8 @@ def gpu_available() -> bool:
 
 GPU_BACKENDS = ("resident", "step")
 DEFAULT_GPU_BACKEND = "resident"  # measured not slower and token-identical (bench/RESULTS.md)
-# the resident kernel draws the tokens itself: the host path's tokens, 238 vs 39 tokens/s at batch 1 and 989 vs
-# 43 at batch 8 (Llama-3.2-1B, H100, bench/RESULTS.md); allocating KV pages itself gained nothing there (off)
+# the resident kernel draws the tokens itself: the host path's tokens, 238 vs 39 tokens/s at batch 1 and 989
+# vs 43 at batch 8 (Llama-3.2-1B, H100, bench/RESULTS.md); allocating KV pages itself gained nothing (off)
 DEFAULT_KERNEL_SAMPLING = True
 DEFAULT_KERNEL_PAGES = False
 
