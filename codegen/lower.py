@@ -646,9 +646,8 @@ class _Lowerer:
             u for u in self.uses.get(x.name, [])
             if isinstance(u, ir.OpStmt) and u.op == "linear" and len(u.operands) == 2 and u.operands[0] == x
         ]
-        rows = [self.buffers[self.val(u.operands[1])].shape for u in sib]
-        mine = any(u is s for u in sib)
-        return sum(n for n, _ in rows) if mine and all(k == K for _, k in rows) else N
+        rows = [self.buffers[self.val(u.operands[1])].shape for u in sib]  # (op_linear refused a bias)
+        return sum(n for n, _ in rows) if all(k == K for _, k in rows) else N
 
     def bulk_ring(self, K: int, R: int) -> tuple[int, int] | None:
         """``(rows per stage, stages)`` of mk_linear_bulk for a CUDA-core tile of R rows of K, or None where

@@ -49,7 +49,8 @@ __device__ __forceinline__ bool mk_walk(const MkTask* __restrict__ tasks, const 
           MK_DESC_PREFETCH && tid == next_tid ? next_desc : ((const uint4*)(tasks + tid))[threadIdx.x];
     __syncthreads();
     next_tid = i + 1 < end ? list[i + 1] : -1;  // (a JIT slot, negative, is claimed when reached)
-    if (MK_DESC_PREFETCH && next_tid >= 0 && threadIdx.x < kDescWords) next_desc = ((const uint4*)(tasks + next_tid))[threadIdx.x];
+    if (MK_DESC_PREFETCH && next_tid >= 0 && threadIdx.x < kDescWords)
+      next_desc = ((const uint4*)(tasks + next_tid))[threadIdx.x];
     // the signal is read now: s_task is rewritten as soon as the task's last barrier has passed
     const int signal_ev = s_task.a[1];
 #ifdef MK_COLLECTIVES

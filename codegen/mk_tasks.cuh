@@ -280,7 +280,7 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
 // stage; a warp's 32 chunks are one 256-column segment of one row, whose dot product goes to that (row,
 // segment)'s partial; each output sums its row's partials in segment order.
 // Shared memory: ring [a27][a26 * K] bf16, x [TB][K] bf16, partials [R][TB][K / 256] f32, rmsnorm reduction,
-// then the a27 barriers (MK_BULK_SMEM in codegen/lower.py).
+// then the a27 barriers (bulk_smem in codegen/lower.py).
 template <int TB>
 __device__ void mk_linear_bulk(const MkTask& t, int it, int B, char* smem) {
   const int K = t.a[16], R = t.a[17], NS = t.a[18], epi = t.a[22], RS = t.a[26], NSTG = t.a[27];

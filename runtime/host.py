@@ -282,8 +282,7 @@ class Megakernel:
         cp = self.cp
         plan = self.plan
         ptr = {n: int(a.data.ptr) for n, a in self.bufs.items()}
-        own, next_kb = getattr(self, "prefetch_own", False), getattr(self, "prefetch_next_kb", 0)
-        tab = task_table(plan, ptr, prefetch=own, prefetch_next_kb=next_kb)
+        tab = task_table(plan, ptr, prefetch=self.prefetch_own, prefetch_next_kb=self.prefetch_next_kb)
         off = np.zeros(plan.num_sms + 1, dtype=np.int32)
         off[1:] = np.cumsum([len(lst) for lst in plan.lists])
         flat = np.array([x for lst in plan.lists for x in lst], dtype=np.int32)
@@ -863,6 +862,8 @@ class TPMegakernel(Megakernel):
             )
         self.occupancy = occ
         self.spin_limit = spin_limit
+        # own-tile L2 prefetch as Megakernel (MPKIR_PREFETCH); next-tile prefetch: not measured with peers
+        self.prefetch_own, self.prefetch_next_kb = prefetch_settings()[0], 0
         self.bufs: dict[str, object] = {}
         self.B = self.plan.batch
         self.stream = cp.cuda.Stream(non_blocking=True)
