@@ -2,17 +2,21 @@
 ``codegen.lower``): per model and batch, ms/step of each variant (one launch of 64 steps, median of 5, same
 random weights and inputs) and whether its 64 greedy tokens equal the first variant's.
 
-Use: python bench/ab_step.py OUT.json llama3_2_1b,qwen3_8b 1,8 "MPKIR_MMA_PIPE=0" "MPKIR_MMA_PIPE=1" ..."""
+Use: python bench/ab_step.py OUT.json llama3_2_1b,qwen3_8b 1,8 "MPKIR_MMA_PIPE=0" "MPKIR_MMA_PIPE=1" ...
+A variant's SMS=n plans for n SMs (Megakernel's ``sms``). A batch over the examples' 8 tokens (e.g. 64)
+runs the example with max_requests and max_tokens raised to it (and max_seq_len 2048), as
+bench/engine_bench.py sizes its engines."""
 
 import json
 import os
 import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
 
-from mpkir.parser import parse_file
+from mpkir.parser import parse
 from mpkir.runtime.host import Megakernel
 
 CTX, STEPS = 1024, 64
@@ -20,8 +24,10 @@ CTX, STEPS = 1024, 64
 
 def time_variant(module, batch: int, env: dict[str, str]) -> tuple[float, np.ndarray]:
     """(ms per step, greedy tokens [STEPS, batch]) of the megakernel built under ``env``."""
+    env = dict(env)
+    sms = int(env.pop("SMS")) if "SMS" in env else None  # SMS=131: a plan of fewer workers
     with mock.patch.dict(os.environ, env):
-        mk = Megakernel(module, batch=batch)
+        mk = Megakernel(module, batch=batch, sms=sms)
     mk.init_random(0)
     toks = np.random.default_rng(1).integers(0, 1000, batch)
     mk.set_inputs(toks, np.full(batch, CTX))
@@ -32,12 +38,22 @@ def time_variant(module, batch: int, env: dict[str, str]) -> tuple[float, np.nda
     return ms, got
 
 
+def sized(name: str, batch: int):
+    """The example, its token capacity raised to ``batch`` when over its own 8."""
+    src = Path(f"examples/{name}.mpk").read_text()
+    if batch > 8:
+        for k in ("max_requests", "max_tokens"):
+            src = src.replace(f"const {k} = 8\n", f"const {k} = {batch}\n")
+        src = src.replace("const max_seq_len = 4096\n", "const max_seq_len = 2048\n")
+    return parse(src, f"{name}.mpk")
+
+
 def main(out: str, models: str, batches: str, *variants: str) -> None:
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": []}
     envs = [dict(kv.split("=", 1) for kv in v.split(",") if kv) for v in variants] or [{}]
     for name in models.split(","):
-        module, _ = parse_file(f"examples/{name}.mpk")
         for batch in map(int, batches.split(",")):
+            module = sized(name, batch)
             base = None
             for env in envs:
                 ms, toks = time_variant(module, batch, env)

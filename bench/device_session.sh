@@ -6,12 +6,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     lark==1.3.1 gguf==0.19.0 z3-solver==4.15.4.0
-bash bench/dev_setup.sh || exit 1
-export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$SECONDS
-left() { echo $((580 - SECONDS + T0)); }
+source bench/session_common.sh || exit 1
 for m in llama3_2_1b qwen3_0_6b qwen3_8b; do
   timeout $(left) python -m mpkir bench examples/$m.mpk --batch 1,8 --torch --json "$OUT/bench_$m.json" 2>&1 | tail -4
 done

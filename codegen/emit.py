@@ -166,8 +166,10 @@ def emit_cuda(plan: Plan) -> str:
     """The whole program as CUDA C++: runtime, the task bodies, a dispatch over the plan's variants."""
     out = [
         f"// mpkir megakernel for model '{plan.model}': {len(plan.ops)} ops, "
-        f"{plan.num_sms} workers x {NT} threads, {plan.smem_bytes} B dynamic shared memory",
+        f"{plan.num_sms} workers x {NT} threads, {plan.smem_bytes} B dynamic shared memory"
+        + (f", {plan.sched_warps} scheduler warps in one more CTA" if plan.sched_warps else ""),
         f"#define MK_NT {NT}",
+        f"#define MK_SCHED_WARPS {plan.sched_warps}",
     ]
     if os.environ.get("MPKIR_DESC_PREFETCH", "1") == "0":  # A/B switch of mk_kernel.cuh's descriptor prefetch
         out.append("#define MK_DESC_PREFETCH 0")

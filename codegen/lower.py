@@ -142,8 +142,14 @@ class Plan:
     lists: list[list[int]]  # per SM: task ids (>= 0) or JIT slots -(op+1)
     smem_bytes: int
     variants: list[str]
-    num_sms: int = NUM_SMS
+    num_sms: int = NUM_SMS  # workers (one CTA each)
     world: int = 1  # tensor-parallel ranks (collective tasks present when > 1)
+    sched_warps: int = 0  # scheduler warps launching the JIT ops, in one more CTA (0: ticket claims, no CTA)
+
+    @property
+    def grid(self) -> int:
+        """CTAs of a launch: the workers, and the scheduler CTA if any."""
+        return self.num_sms + (1 if self.sched_warps else 0)
 
     @property
     def num_tasks(self) -> int:
@@ -158,6 +164,8 @@ def _err(msg: str, stmt=None) -> MpkError:
 
 
 class _Lowerer:
+    sched = False  # JIT ops launched by scheduler warps (set by lower())
+
     def __init__(self, module: ir.Module, analysis, num_sms: int, greedy: bool, batch: int | None,
                  world: int | None = None):
         from mpkir.passes.unroll import unroll
@@ -664,13 +672,14 @@ class _Lowerer:
         return None
 
     def claim_just_in_time(self, n_tasks: int) -> bool:
-        """Whether an attention op's tasks are claimed just in time (a ticket per task, taken by whichever
-        worker reaches the op's slot first) instead of placed in the workers' ahead-of-time lists. MPKIR_JIT=1
-        or 0 decides; by default only ops of more than two waves of tasks, whose finishing order no placement
-        can know: claiming costs two atomics per task and contended retries (Llama-3.2-1B batch 1: 1.80
-        ms/step with claimed attention, 1.42 placed; H100, bench/RESULTS.md)."""
+        """Whether an attention op's tasks are handed out at run time (to whichever workers reach the op's
+        slot: launched by scheduler warps or claimed by tickets, :func:`jit_queue_mode`) instead of placed in
+        the workers' ahead-of-time lists. MPKIR_JIT=1 or 0 decides; by default only ops of more than eight
+        waves of tasks. Placed tasks won every measured size (Llama-3.2-1B, H100, bench/RESULTS.md: 1.385
+        ms/step placed, 1.502 scheduler-launched, 1.751 ticket-claimed at batch 1; 17.80, 18.16 and 18.66
+        at batch 128, 7.8 waves); larger ops, and contexts of uneven lengths, are not measured."""
         mode = os.environ.get("MPKIR_JIT", "auto")
-        return mode == "1" or (mode == "auto" and n_tasks > 2 * self.num_sms)
+        return mode == "1" or (mode == "auto" and n_tasks > 8 * self.num_sms)
 
     def rows_per_task(self, N: int, K: int) -> int:
         k = 1
@@ -954,27 +963,10 @@ class _Lowerer:
 
     # ---------------------------------------------------------------- placement
     def finish(self, out: str) -> Plan:
-        # levels: longest path from a source over same-step edges
-        level = []
         for o in self.ops:
-            level.append(1 + max((level[d] for d, lag in o.deps if lag == 0), default=-1))
             o.deps = sorted(set(o.deps))
-        tid = 0
-        for o in self.ops:
-            o.first_task = tid
-            tid += len(o.tasks)
-        lists: list[list[int]] = [[] for _ in range(self.num_sms)]
-        loads: dict[int, list[float]] = {}
-        for i, o in enumerate(self.ops):
-            if o.jit:
-                for lst in lists:
-                    lst.append(-(i + 1))
-                continue
-            ld = loads.setdefault(level[i], [0.0] * self.num_sms)
-            for j, t in enumerate(o.tasks):
-                sm = min(range(self.num_sms), key=lambda k: (ld[k], k))
-                ld[sm] += t.cost
-                lists[sm].append(o.first_task + j)
+        sched = self.sched and self.embed_op is not None
+        lists = place(self.ops, self.num_sms, sched)
         variants = sorted({t.variant for o in self.ops for t in o.tasks})
         return Plan(
             model=self.m.model_name or "model",
@@ -990,7 +982,81 @@ class _Lowerer:
             variants=variants,
             num_sms=self.num_sms,
             world=self.world,
+            sched_warps=sched_warps(self.ops) if sched else 0,
         )
+
+
+def jit_queue_mode() -> str:
+    """How just-in-time ops reach the workers (MPKIR_JIT_QUEUE): ``sched`` (scheduler warps in one extra CTA
+    fill a queue per op when its events fire; the workers take tasks with one atomic add) or ``ticket``
+    (workers claim tickets from a per-op counter with compare-and-swap, no scheduler)."""
+    mode = os.environ.get("MPKIR_JIT_QUEUE", "sched")
+    if mode not in ("sched", "ticket"):
+        raise ValueError(f"MPKIR_JIT_QUEUE={mode!r}: expected 'sched' or 'ticket'")
+    return mode
+
+
+def place(ops: list[Op], num_sms: int, sched: bool = False) -> list[list[int]]:
+    """Per-SM task lists (sets ``first_task``): levels by longest same-step path, each level's tasks greedily
+    on the least-loaded SM; a JIT op gets a slot on every SM. With ``sched`` (scheduler-launched JIT ops), a
+    JIT op that waits on no event of its own step is placed instead (no event would launch it), and SMs with
+    no placed task get no slots: every visiting worker then has a task the next step's tokens wait on, so no
+    worker is more than one step behind a launch (the two-frame queues of mk_kernel.cuh rely on it)."""
+    level: list[int] = []
+    for o in ops:
+        level.append(1 + max((level[d] for d, lag in o.deps if lag == 0), default=-1))
+    if sched:
+        gated = gated_ops(ops)
+        for o in ops:
+            same_step = [d for d, lag in o.deps if lag == 0]
+            o.jit = o.jit and bool(same_step) and all(gated[d] for d in same_step)
+    tid = 0
+    for o in ops:
+        o.first_task = tid
+        tid += len(o.tasks)
+    lists: list[list[int]] = [[] for _ in range(num_sms)]
+    loads: dict[int, list[float]] = {}
+    for i, o in enumerate(ops):
+        if o.jit:
+            for lst in lists:
+                lst.append(-(i + 1))
+            continue
+        ld = loads.setdefault(level[i], [0.0] * num_sms)
+        for j, t in enumerate(o.tasks):
+            sm = min(range(num_sms), key=lambda k: (ld[k], k))
+            ld[sm] += t.cost
+            lists[sm].append(o.first_task + j)
+    if sched:
+        lists = [lst if any(x >= 0 for x in lst) else [] for lst in lists]
+    return lists
+
+
+def gated_ops(ops: list[Op]) -> list[bool]:
+    """Per op: whether its step cannot start before the previous step has ended: it waits (lag 1) on the op
+    every other op precedes in its step (the final op), or on the same step's gated op."""
+    anc: list[int] = []
+    for o in ops:
+        a = 0
+        for d, lag in o.deps:
+            if lag == 0:
+                a |= anc[d] | (1 << d)
+        anc.append(a)
+    everything = (1 << len(ops)) - 1
+    final = next((i for i, a in enumerate(anc) if a | (1 << i) == everything), None)
+    gated: list[bool] = []
+    for o in ops:
+        gated.append(any((lag > 0 and d == final) or (lag == 0 and gated[d]) for d, lag in o.deps))
+    return gated
+
+
+def jit_events(ops: list[Op]) -> list[int]:
+    """Events (op indices) that launch a just-in-time op: its same-step dependencies, in order."""
+    return sorted({d for o in ops if o.jit for d, lag in o.deps if lag == 0})
+
+
+def sched_warps(ops: list[Op]) -> int:
+    """Scheduler warps of a scheduler-launched plan: one per launching event, at most four (0: no JIT op)."""
+    return min(4, len(jit_events(ops)))
 
 
 def lower(
@@ -1002,6 +1068,15 @@ def lower(
     batch: int | None = None,
     world: int | None = None,
 ) -> Plan:
-    """Lower the module's (first) graph to a megakernel plan for ``num_sms`` workers (``world``: ranks of a
-    tensor-parallel rank module; default the serve block's ``gpus``)."""
-    return _Lowerer(module, analysis, num_sms, greedy, batch, world).run()
+    """Lower the module's (first) graph to a megakernel plan for ``num_sms`` SMs (``world``: ranks of a
+    tensor-parallel rank module; default the serve block's ``gpus``). A plan with just-in-time ops launched
+    by scheduler warps (:func:`jit_queue_mode`) is re-planned for ``num_sms - 1`` workers: the scheduler CTA
+    takes the last SM."""
+    plan = _Lowerer(module, analysis, num_sms, greedy, batch, world).run()
+    if plan.world == 1 and num_sms > 1 and any(o.jit for o in plan.ops) and jit_queue_mode() == "sched":
+        low = _Lowerer(module, analysis, num_sms - 1, greedy, batch, world)
+        low.sched = True
+        sched = low.run()
+        if sched.sched_warps:
+            return sched
+    return plan

@@ -1,14 +1,137 @@
 // mpkir megakernel: the persistent worker kernels. One CTA per SM, all resident (the host checks
-// occupancy and refuses otherwise). Each worker walks its ahead-of-time task list once per decode step;
-// tasks marked JIT are claimed dynamically from a per-op ticket counter (work queue) by whichever worker
-// reaches the op's slot first. Counters are never reset: a wait for event e at step `it` needs
-// counter[e] >= triggers(e) * it.
+// occupancy and refuses otherwise). Each worker walks its ahead-of-time task list once per decode step; a
+// JIT slot in a list stands for an op whose tasks are handed out at run time to whichever workers reach it:
+//   MK_SCHED_WARPS > 0  scheduler warps in one more CTA (the last) pop fired events from circular queues in
+//                       device memory and launch the ops that waited on them: they fill the op's queue frame
+//                       for the step and open its head; the workers take tasks with one atomic add each;
+//   MK_SCHED_WARPS == 0 workers claim tickets from a per-op counter (compare-and-swap), no scheduler.
+// The control block's layout is runtime/jit_queue.py's. Counters are never reset: a wait for event e at step
+// `it` needs counter[e] >= triggers(e) * it.
 //   mk_megakernel        nsteps steps in one launch (argmax feeds the next step's tokens)
 //   mk_megakernel_serve  resident serving: each step's inputs come from a ring in pinned host memory, its
 //                        logits (or argmax ids) go back to pinned memory, until the host sends "stop"
 #pragma once
 #ifndef MK_DESC_PREFETCH
 #define MK_DESC_PREFETCH 1  // load the next ahead-of-time task's descriptor while a task runs (MPKIR_DESC_PREFETCH)
+#endif
+#ifndef MK_SCHED_WARPS
+#define MK_SCHED_WARPS 0
+#endif
+#define MK_JIT_HDR 16
+#define MK_JIT_REC 16
+#define MK_JIT_OP(jit, q) ((jit) + MK_JIT_HDR + MK_JIT_REC * (q))
+
+// Bounded spin until (*p >> 32) == stamp, with nanosleep back-off up to max_ns (0: none, a scheduler warp
+// has its SM to itself). False on timeout or abort; the dump records (task -2, what, step, stamp, seen stamp).
+__device__ __noinline__ bool mk_wait_stamp(const unsigned long long* p, unsigned stamp, int* status, int* dump,
+                                           long long spin_limit, int what, int it, unsigned long long& v,
+                                           unsigned max_ns) {
+  v = mk_ld_acquire(p);
+  long long spins = 0;
+  unsigned ns = 20;
+  while ((unsigned)(v >> 32) != stamp) {
+    if (max_ns) {
+      __nanosleep(ns);
+      ns = ns < max_ns ? ns + 20 : max_ns;
+    }
+    v = mk_ld_acquire(p);
+    ++spins;
+    if ((spins & 255) == 0 || spins > spin_limit) {
+      const bool aborted = *(volatile int*)(status + 1) != 0;
+      if (aborted || spins > spin_limit) {
+        mk_give_up(status, dump, aborted, 1, -2, what, it, stamp, v >> 32, it - 1, spins > spin_limit);
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// Thread 0 of a worker at JIT op q's slot, step it: the next task of q for this step, -1 when none is left,
+// -2 if the launch is aborting.
+__device__ __noinline__ int mk_jit_take(int* jit, int q, int it, int* status, int* dump, long long spin_limit) {
+  int* r = MK_JIT_OP(jit, q);
+#if MK_SCHED_WARPS
+  // the head of this step's frame carries the step once the scheduler has launched the op (at most one step
+  // behind: the frame's previous user, step it - 2, is over for every visitor)
+  unsigned long long* head = (unsigned long long*)(r + 2 * (it & 1));
+  unsigned long long v;
+  if (!mk_wait_stamp(head, (unsigned)it, status, dump, spin_limit, q, it, v, 200)) return -2;
+  const unsigned idx = (unsigned)atomicAdd(head, 1ull);
+  if (idx >= (unsigned)r[7]) return -1;
+  return __ldcg(jit + jit[6] + r[9] + (it & 1) * r[7] + idx);
+#else
+  const int first = r[6], count = r[7], lim = count * it;
+  int* ticket = r + 10;
+  int v = atomicAdd(ticket, 0);
+  while (v < lim) {
+    const int w = atomicCAS(ticket, v, v + 1);
+    if (w == v) return first + (v - count * (it - 1));
+    v = w;
+  }
+  return -1;
+#endif
+}
+
+#if MK_SCHED_WARPS
+__device__ __forceinline__ unsigned long long mk_atom_add_release(unsigned long long* p, unsigned long long v) {
+  unsigned long long old;
+  asm volatile("atom.release.gpu.global.add.u64 %0, [%1], %2;" : "=l"(old) : "l"(p), "l"(v) : "memory");
+  return old;
+}
+__device__ __forceinline__ void mk_st_release(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// A worker's signal of event ev (op index) at step it, whose tasks launch JIT ops: if it completes the event,
+// the event goes to scheduler queue `queue` (reserve a position, publish its slot stamped position + 1).
+__device__ __noinline__ void mk_signal_push(int* jit, unsigned long long* counters, int ev, int queue, int it) {
+  const unsigned long long old = mk_atom_add_release(counters + ev, 1ull);
+  if (old + 1 != (unsigned long long)MK_JIT_OP(jit, ev)[7] * (unsigned long long)it) return;
+  const int L = jit[2];
+  int* qb = jit + jit[3] + queue * (2 + 2 * L);
+  const unsigned pos = atomicAdd((unsigned*)qb, 1u);
+  mk_st_release((unsigned long long*)(qb + 2) + (pos & (L - 1)), ((unsigned long long)(pos + 1) << 32) | (unsigned)ev);
+}
+
+// Scheduler warp w: pop `n` fired events from queue w (cursor: its position); for each JIT op that waits on
+// the event, count it into the op's ready counter; the count that completes a step launches the op: the warp
+// writes the op's task ids into the step's frame, then opens the head for the step (release). False if the
+// launch is aborting.
+__device__ __noinline__ bool mk_schedule(int* jit, int w, unsigned& cursor, long long n, int* status, int* dump,
+                                         long long spin_limit) {
+  const int lane = threadIdx.x & 31, L = jit[2];
+  const int* qb = jit + jit[3] + w * (2 + 2 * L);
+  const int* evl = jit + jit[4];
+  const int* evops = evl + jit[0] + 1;
+  for (long long k = 0; k < n; ++k) {
+    unsigned long long v = 0;
+    int ok = 1;
+    if (lane == 0)
+      ok = mk_wait_stamp((const unsigned long long*)(qb + 2) + (cursor & (L - 1)), cursor + 1, status, dump,
+                         spin_limit, -1 - w, 0, v, 0);
+    if (!__shfl_sync(0xffffffffu, ok, 0)) return false;
+    const int ev = (int)(unsigned)__shfl_sync(0xffffffffu, v, 0);
+    ++cursor;
+    for (int c = evl[ev]; c < evl[ev + 1]; ++c) {
+      int* r = MK_JIT_OP(jit, evops[c]);
+      unsigned long long old = 0;
+      if (lane == 0) old = atomicAdd((unsigned long long*)(r + 4), 1ull);
+      old = __shfl_sync(0xffffffffu, old, 0);
+      const unsigned long long nr = (unsigned long long)r[8];
+      if ((old + 1) % nr) continue;
+      const int it = (int)((old + 1) / nr), first = r[6], count = r[7];
+      int* frame = jit + jit[6] + r[9] + (it & 1) * count;
+      for (int i = lane; i < count; i += 32) __stcg(frame + i, first + i);
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence();
+        atomicExch((unsigned long long*)(r + 2 * (it & 1)), (unsigned long long)it << 32);
+      }
+    }
+  }
+  return true;
+}
 #endif
 
 // One walk of this SM's task list for step `it` (waits, JIT tickets) over B live tokens; the bodies see step
@@ -25,23 +148,14 @@ __device__ __forceinline__ bool mk_walk(const MkTask* __restrict__ tasks, const 
   int next_tid = -1;
   for (int i = beg; i < end; ++i) {
     int tid = list[i];
-    if (tid < 0) {  // JIT slot of op -(tid+1): claim its next unclaimed task of this step (CAS on a ticket)
-      if (threadIdx.x == 0) {
-        int* jt = jit_tickets + 4 * (-(tid + 1));
-        const int first = jt[1], count = jt[2], lim = count * it;
-        int v = atomicAdd(jt, 0), got = -1;
-        while (v < lim) {
-          const int w = atomicCAS(jt, v, v + 1);
-          if (w == v) { got = first + (v - count * (it - 1)); break; }
-          v = w;
-        }
-        s_jit = got;
-      }
+    if (tid < 0) {  // JIT slot of op -(tid+1): take its next task of this step, if any
+      if (threadIdx.x == 0) s_jit = mk_jit_take(jit_tickets, -(tid + 1), it, status, dump, spin_limit);
       __syncthreads();
       tid = s_jit;
       __syncthreads();
+      if (tid == -2) return false;
       if (tid < 0) continue;
-      --i;  // come back to this slot for another ticket
+      --i;  // come back to this slot for another task
     }
     constexpr int kDescWords = (int)(sizeof(MkTask) / 16);
     if (threadIdx.x < kDescWords)
@@ -53,6 +167,9 @@ __device__ __forceinline__ bool mk_walk(const MkTask* __restrict__ tasks, const 
       next_desc = ((const uint4*)(tasks + next_tid))[threadIdx.x];
     // the signal is read now: s_task is rewritten as soon as the task's last barrier has passed
     const int signal_ev = s_task.a[1];
+#if MK_SCHED_WARPS
+    const int signal_queue = s_task.a[15];  // > 0: the event launches JIT ops; scheduler queue + 1
+#endif
 #ifdef MK_COLLECTIVES
     const bool signal_sys = s_task.a[14] != 0;
 #endif
@@ -69,6 +186,9 @@ __device__ __forceinline__ bool mk_walk(const MkTask* __restrict__ tasks, const 
     if (threadIdx.x == 0) {
 #ifdef MK_COLLECTIVES  // a[14]: peers on other GPUs wait on this event (tensor parallel)
       if (signal_sys) { __threadfence_system(); mk_red_release_sys(counters + signal_ev, 1ull); } else
+#endif
+#if MK_SCHED_WARPS
+      if (signal_queue) mk_signal_push(jit_tickets, counters, signal_ev, signal_queue - 1, it); else
 #endif
       mk_red_release(counters + signal_ev, 1ull);
       if (trace && ntrace < trace_cap) {
@@ -88,6 +208,16 @@ mk_megakernel(const MkTask* __restrict__ tasks, const int* __restrict__ list_off
   extern __shared__ __align__(16) char smem[];
   __shared__ MkTask s_task;
   __shared__ int s_jit;
+#if MK_SCHED_WARPS
+  if (blockIdx.x == gridDim.x - 1) {  // the scheduler CTA: each warp pops its queue's events of every step
+    const int w = threadIdx.x >> 5;
+    unsigned cursor = 0;
+    if (w < MK_SCHED_WARPS)
+      mk_schedule(jit_tickets, w, cursor, (long long)nsteps * jit_tickets[jit_tickets[5] + w], status, dump,
+                  spin_limit);
+    return;
+  }
+#endif
   const int beg = list_off[blockIdx.x], end = list_off[blockIdx.x + 1];
   int ntrace = 0;
   for (int it = 1; it <= nsteps; ++it)
@@ -127,11 +257,7 @@ __device__ __noinline__ bool mk_wait_word(const unsigned long long* p, unsigned 
       const bool aborted = *(volatile int*)(status + 1) != 0;
       const bool late = idle_ns > 0 ? (long long)(mk_globaltimer() - t_start) > idle_ns : spins > spin_limit;
       if (aborted || late) {
-        if (!aborted && atomicCAS(status, 0, idle_ns > 0 ? 2 : 1) == 0) status[2] = blockIdx.x;
-        *(volatile int*)(status + 1) = 1;
-        int* d = dump + blockIdx.x * MK_DUMP;
-        d[0] = -1; d[1] = event; d[2] = it; d[3] = (int)target; d[4] = (int)v; d[5] = it - 1;
-        d[6] = late; d[7] = 1;
+        mk_give_up(status, dump, aborted, idle_ns > 0 ? 2 : 1, -1, event, it, target, v, it - 1, late);
         return false;
       }
     }
@@ -151,7 +277,22 @@ mk_megakernel_serve(const MkTask* __restrict__ tasks, const int* __restrict__ li
   __shared__ int s_jit, s_cmd, s_B, s_mode, s_ok;
   __shared__ float s_max[MK_NWARP];
   __shared__ int s_arg[MK_NWARP];
-  const int sm = blockIdx.x, nsm = gridDim.x;
+  const int sm = blockIdx.x, nsm = gridDim.x - (MK_SCHED_WARPS ? 1 : 0);  // workers
+#if MK_SCHED_WARPS
+  if (sm == nsm) {  // the scheduler CTA: per step, once its inputs are on the device, its events of the step
+    const int w = threadIdx.x >> 5;
+    if (w >= MK_SCHED_WARPS) return;
+    unsigned cursor = 0;
+    for (int it = 1;; ++it) {
+      int go = 0;
+      if ((threadIdx.x & 31) == 0)
+        go = mk_wait_word(sctl, (unsigned long long)it, false, status, dump, spin_limit, idle_ns + 1000000000ll,
+                          -2, it) && __ldcg(sctl + 2) == 0;
+      if (!__shfl_sync(0xffffffffu, go, 0)) return;
+      if (!mk_schedule(jit_tickets, w, cursor, jit_tickets[jit_tickets[5] + w], status, dump, spin_limit)) return;
+    }
+  }
+#endif
   const int beg = list_off[sm], end = list_off[sm + 1];
   int ntrace = 0;
   for (int it = 1;; ++it) {

@@ -127,6 +127,17 @@ struct MkWaitCtx {
 };
 __shared__ MkWaitCtx mk_wctx;
 
+// A bounded wait gives up: error `code` (unless the launch is already aborting; the first CTA to fail is
+// recorded), the abort flag every wait polls, and this CTA's dump row: task, event, step, target, value
+// seen, steps done, whether it timed out (the host's hang report prints them).
+__device__ __noinline__ void mk_give_up(int* status, int* dump, bool aborted, int code, int task, int ev, int it,
+                                        unsigned long long target, unsigned long long seen, int done, bool late) {
+  if (!aborted && atomicCAS(status, 0, code) == 0) status[2] = blockIdx.x;
+  *(volatile int*)(status + 1) = 1;
+  int* d = dump + blockIdx.x * MK_DUMP;
+  d[0] = task; d[1] = ev; d[2] = it; d[3] = (int)target; d[4] = (int)seen; d[5] = done; d[6] = late; d[7] = 1;
+}
+
 __device__ __forceinline__ bool mk_wait(const MkTask& T, int it, unsigned long long* counters, int* status,
                                         int* dump, long long spin_limit, int tid, int steps_done) {
   const int nw = T.a[2];
@@ -147,11 +158,7 @@ __device__ __forceinline__ bool mk_wait(const MkTask& T, int it, unsigned long l
       if ((spins & 255) == 0 || spins > spin_limit) {
         const bool aborted = *(volatile int*)(status + 1) != 0;
         if (aborted || spins > spin_limit) {
-          if (!aborted && atomicCAS(status, 0, 1) == 0) status[2] = blockIdx.x;
-          *(volatile int*)(status + 1) = 1;
-          int* d = dump + blockIdx.x * MK_DUMP;
-          d[0] = tid; d[1] = ev; d[2] = it; d[3] = (int)target; d[4] = (int)v; d[5] = steps_done;
-          d[6] = spins > spin_limit; d[7] = 1;
+          mk_give_up(status, dump, aborted, 1, tid, ev, it, target, v, steps_done, spins > spin_limit);
           return false;
         }
       }

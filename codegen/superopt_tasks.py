@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mpkir import ir
-from mpkir.codegen.lower import Op, Plan, Task, fbits
+from mpkir.codegen.lower import Op, Plan, Task, fbits, place, sched_warps
 from mpkir.diagnostics import Diagnostic, MpkError
 
 PROGRAMS_JSON = Path(__file__).resolve().parent.parent / "bench" / "superopt_programs.json"
@@ -900,7 +900,7 @@ def _rebuild(plan: Plan, rw: _Rewriter) -> SuperoptPlan:
                 raise MpkError(Diagnostic(f"superopt rewrite: op {n.name} would wait on a later op", None))
             deps.add((d, lag))
         ops.append(Op(n.name, n.kind, list(n.tasks), sorted(deps), n.jit))
-    lists = place(ops, plan.num_sms)
+    lists = place(ops, plan.num_sms, plan.sched_warps > 0)
     base = {f.name: getattr(plan, f.name) for f in dataclasses.fields(Plan)}
     buffers = {**plan.buffers, **rw.buffers}
     smem = max([plan.smem_bytes, rw.smem_floor] + [v.smem_bytes for v in rw.variants.values()])
@@ -910,35 +910,11 @@ def _rebuild(plan: Plan, rw: _Rewriter) -> SuperoptPlan:
         lists=lists,
         smem_bytes=smem,
         variants=sorted({t.variant for o in ops for t in o.tasks}),
+        sched_warps=sched_warps(ops) if plan.sched_warps else 0,
     )
     used = {t.variant for o in ops for t in o.tasks}
     so = tuple(v for v in rw.variants.values() if v.variant in used)
     return SuperoptPlan(**base, so_variants=so, decisions=tuple(rw.decisions))
-
-
-def place(ops: list[Op], num_sms: int) -> list[list[int]]:
-    """Per-SM task lists (sets ``first_task``), as ``lower`` places them: levels by longest same-step path,
-    each level's tasks greedily on the least-loaded SM; JIT ops get a slot on every SM."""
-    level: list[int] = []
-    for o in ops:
-        level.append(1 + max((level[d] for d, lag in o.deps if lag == 0), default=-1))
-    tid = 0
-    for o in ops:
-        o.first_task = tid
-        tid += len(o.tasks)
-    lists: list[list[int]] = [[] for _ in range(num_sms)]
-    loads: dict[int, list[float]] = {}
-    for i, o in enumerate(ops):
-        if o.jit:
-            for lst in lists:
-                lst.append(-(i + 1))
-            continue
-        ld = loads.setdefault(level[i], [0.0] * num_sms)
-        for j, t in enumerate(o.tasks):
-            sm = min(range(num_sms), key=lambda k: (ld[k], k))
-            ld[sm] += t.cost
-            lists[sm].append(o.first_task + j)
-    return lists
 
 
 # ------------------------------------------------------------------ switch

@@ -20,6 +20,7 @@ import numpy as np
 from mpkir.codegen.emit import emit_cuda
 from mpkir.codegen.lower import NT, SAMPLE_SMEM, Plan, dbits, halves64, lower
 from mpkir.codegen.superopt_tasks import maybe_apply
+from mpkir.runtime.jit_queue import event_queues, jit_block
 
 TASK_DTYPE = np.dtype([("p", "<i8", (12,)), ("a", "<i4", (32,))])
 assert TASK_DTYPE.itemsize == 224
@@ -92,8 +93,10 @@ def task_table(plan: Plan, ptr, prefetch: bool = False, prefetch_next_kb: int = 
     address, plus each task's byte offset), body parameters, variant index, signalled event, waited events
     with their lag bits and triggers, and the L2 weight prefetch issued before the task's wait: with
     ``prefetch`` its own tile, with ``prefetch_next_kb`` the start of the next task's (see
-    :func:`next_task_prefetch`)."""
+    :func:`next_task_prefetch`); for plans with scheduler warps, the queue that tasks of a launching event
+    push it to (:mod:`mpkir.runtime.jit_queue`)."""
     nxt = next_task_prefetch(plan, prefetch_next_kb) if prefetch_next_kb > 0 and not prefetch else {}
+    queues = event_queues(plan)
     var = {v: i for i, v in enumerate(plan.variants)}
     tab = np.zeros(plan.num_tasks, dtype=TASK_DTYPE)
     ntr = [len(o.tasks) for o in plan.ops]
@@ -110,6 +113,8 @@ def task_table(plan: Plan, ptr, prefetch: bool = False, prefetch_next_kb: int = 
                 row["a"][i] = v
             row["a"][0] = var[t.variant]
             row["a"][1] = oi
+            if oi in queues:  # the event launches JIT ops: its last task pushes it to this scheduler queue
+                row["a"][15] = queues[oi] + 1
             row["a"][2] = len(waits)
             row["a"][3] = sum(1 << j for j, (_, lag) in enumerate(waits) if lag)
             for j, (ev, _) in enumerate(waits):
@@ -189,11 +194,18 @@ class Megakernel:
         greedy: bool = True,
         spin_limit: int = 20_000_000,
         superopt=None,
+        sms: int | None = None,
     ):
+        """``sms``: SMs the kernel may use (default: all of the device's); the plan's workers and, with
+        scheduler-launched ops, its scheduler CTA fit in them."""
         cp = self.cp = _cupy()
         dev = cp.cuda.Device()
         props = cp.cuda.runtime.getDeviceProperties(dev.id)
         self.num_sms = props["multiProcessorCount"]
+        if sms is not None:
+            if not 1 <= sms <= self.num_sms:
+                raise DeviceError(f"sms={sms}: the device has {self.num_sms} SMs")
+            self.num_sms = sms
         self.device_name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         self.module, self.greedy = module, greedy
         t0 = time.time()
@@ -286,25 +298,22 @@ class Megakernel:
         off = np.zeros(plan.num_sms + 1, dtype=np.int32)
         off[1:] = np.cumsum([len(lst) for lst in plan.lists])
         flat = np.array([x for lst in plan.lists for x in lst], dtype=np.int32)
-        jit = np.zeros((max(1, len(plan.ops)), 4), dtype=np.int32)
-        for oi, op in enumerate(plan.ops):
-            jit[oi, 1], jit[oi, 2] = op.first_task, len(op.tasks)
+        jit = jit_block(plan)
         self.d_tasks = cp.asarray(tab.view(np.uint8))
         self.d_off = cp.asarray(off)
         self.d_list = cp.asarray(flat)
-        self.h_jit = jit
         # one control block, reset by one device copy per launch:
-        # counters (u64 per op) | status (4) | per-SM dump (num_sms x 8) | JIT tickets (ops x 4)
-        n_ops, n_jit = len(plan.ops), jit.shape[0]
-        sizes = (2 * n_ops, 4, plan.num_sms * 8, n_jit * 4)
+        # counters (u64 per op) | status (4) | per-CTA dump (grid x 8) | JIT ops (runtime/jit_queue.py)
+        n_ops = len(plan.ops)
+        sizes = (2 * n_ops, 4, plan.grid * 8, jit.size)
         ctrl = cp.zeros(sum(sizes), dtype=cp.int32)
         o = np.cumsum((0, *sizes))
         self.d_counters = ctrl[o[0] : o[1]].view(cp.uint64)
         self.d_status = ctrl[o[1] : o[2]]
-        self.d_dump = ctrl[o[2] : o[3]].reshape(plan.num_sms, 8)
-        self.d_jit = ctrl[o[3] : o[4]].reshape(n_jit, 4)
+        self.d_dump = ctrl[o[2] : o[3]].reshape(plan.grid, 8)
+        self.d_jit = ctrl[o[3] : o[4]]
         init = np.zeros(sum(sizes), np.int32)
-        init[o[3] : o[4]] = jit.reshape(-1)
+        init[o[3] : o[4]] = jit
         self.d_ctrl, self.d_ctrl_init = ctrl, cp.asarray(init)
         self.events = (cp.cuda.Event(), cp.cuda.Event())
 
@@ -333,7 +342,7 @@ class Megakernel:
         e0, e1 = self.events
         e0.record()
         self.kernel(
-            (self.plan.num_sms,),
+            (self.plan.grid,),
             (NT,),
             (
                 self.d_tasks,
@@ -371,7 +380,12 @@ class Megakernel:
                     "admits a request only with pages for its whole life, so this is a bug)")
         lines = [f"megakernel watchdog: error {st[0]} (first timeout on SM {st[2]}); per-SM state:"]
         for sm, d in enumerate(dump):
-            if d[7]:
+            if d[7] and d[0] == -2:  # a wait on a JIT queue (mk_kernel.cuh's mk_wait_stamp)
+                what = (f"scheduler warp {-1 - d[1]} waits for entry {d[3]} of its event queue" if d[1] < 0
+                        else f"waits for the scheduler to launch {self.plan.ops[d[1]].name} at step {d[3]}")
+                lines.append(f"  {'scheduler' if sm >= self.plan.num_sms else 'SM ' + format(sm, '3d')}: "
+                             f"{what} (seen {d[4]}){' TIMEOUT' if d[6] else ''}")
+            elif d[7]:
                 ev = self.plan.ops[d[1]].name if 0 <= d[1] < len(self.plan.ops) else "?"
                 lines.append(
                     f"  SM {sm:3d}: task {d[0]} ({names.get(int(d[0]), '?')}) step {d[2]} waits on "
@@ -653,7 +667,7 @@ class ResidentBackend(StepBackend):
             self.d_sctl.fill(0)
             lg = mk.bufs[p.logits]
             self.kernel(
-                (p.num_sms,),
+                (p.grid,),
                 (NT,),
                 (
                     mk.d_tasks, mk.d_off, mk.d_list, mk.d_counters, mk.d_status, mk.d_dump,
@@ -950,7 +964,7 @@ class TPMegakernel(Megakernel):
         with self.stream:
             e0.record()
             self.kernel(
-                (self.plan.num_sms,), (NT,),
+                (self.plan.grid,), (NT,),
                 (self.d_tasks, self.d_off, self.d_list, self.d_counters, self.d_status, self.d_dump,
                  np.uint64(0), np.int32(0), np.int32(steps), np.int32(self.B if live is None else live),
                  np.int64(self.spin_limit), self.d_jit),

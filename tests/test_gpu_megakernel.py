@@ -58,23 +58,36 @@ def test_multi_step_launch_advances():
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_attention_claimed_just_in_time_gives_the_placed_plans_tokens(batch, monkeypatch):
-    """Both launch modes of the attention tasks (MPKIR_JIT: tickets claimed by whichever worker comes first,
-    or placed in the ahead-of-time lists) run the same bodies on the same inputs: the same 8 greedy tokens."""
+def test_attention_launched_just_in_time_gives_the_placed_plans_tokens(batch, monkeypatch):
+    """The launch modes of the attention tasks (MPKIR_JIT=1: handed out at run time, by scheduler warps that
+    open a queue frame when the events fire, or by tickets the workers claim; MPKIR_JIT=0: placed in the
+    ahead-of-time lists) run the same bodies on the same inputs: the same 8 greedy tokens as the placed plan
+    of as many workers (the scheduler CTA takes one SM), over two launches (the control block is reset
+    between them)."""
+    import cupy
+
     from mpkir.runtime.host import Megakernel
 
+    n_sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
     m, _ = parse_file(str(EXAMPLE))
     toks = {}
-    for mode in ("1", "0"):
-        monkeypatch.setenv("MPKIR_JIT", mode)
-        mk = Megakernel(m, batch=batch)
-        assert any(o.jit for o in mk.plan.ops) == (mode == "1")
+    for jit, queue, fewer in (("1", "sched", 0), ("0", "sched", 1), ("1", "ticket", 0), ("0", "sched", 0)):
+        monkeypatch.setenv("MPKIR_JIT", jit)
+        monkeypatch.setenv("MPKIR_JIT_QUEUE", queue)
+        mk = Megakernel(m, batch=batch, sms=n_sms - fewer)
+        assert any(o.jit for o in mk.plan.ops) == (jit == "1")
+        assert (mk.plan.sched_warps > 0) == (jit == "1" and queue == "sched")
+        assert mk.plan.grid == mk.num_sms
         mk.init_random(2)
-        mk.set_inputs(np.arange(batch) * 101 + 7, np.full(batch, 150))
-        mk.launch(8)
-        toks[mode] = mk.tokens()
+        for _ in range(2):
+            mk.set_inputs(np.arange(batch) * 101 + 7, np.full(batch, 150))
+            mk.launch(8)
+            toks.setdefault((jit, queue, fewer), []).append(mk.tokens())
         del mk
-    assert (toks["1"] >= 0).all() and np.array_equal(toks["1"], toks["0"])
+    for got in toks.values():
+        assert (got[0] >= 0).all() and np.array_equal(got[0], got[1])
+    assert np.array_equal(toks[("1", "sched", 0)][0], toks[("0", "sched", 1)][0])  # 131 workers
+    assert np.array_equal(toks[("1", "ticket", 0)][0], toks[("0", "sched", 0)][0])  # 132 workers
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 50, 0.9), (1.0, 0, 1.0), (0.6, 0, 0.9)])
