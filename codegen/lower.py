@@ -159,6 +159,18 @@ class Plan:
         return sum(b.nbytes for b in self.buffers.values() if b.kind == "weight")
 
 
+def env_int(name: str, default: int) -> int:
+    """An integer code-generation switch from the environment (``default`` when unset); a value that is not
+    an integer is an error naming the variable."""
+    v = os.environ.get(name)
+    if v is None:
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{name}={v!r}: expected an integer") from None
+
+
 def _err(msg: str, stmt=None) -> MpkError:
     return MpkError(Diagnostic(msg, getattr(stmt, "loc", None)))
 
@@ -547,8 +559,8 @@ class _Lowerer:
         # weight streams (bench/RESULTS.md, H100 2026-12-05): mk_linear_mma bit 1 double-buffers the K blocks
         # (Qwen3-8B b8 13.1 -> 11.2 ms/step), bit 2 loads the first before the wait (slower: 14.0); mk_linear
         # 1 double-buffers rows (Llama-1B b1 2.03 -> 2.00)
-        pipe = int(os.environ.get("MPKIR_MMA_PIPE", "1"))
-        gemv_pipe = int(os.environ.get("MPKIR_GEMV_PIPE", "1"))
+        pipe = env_int("MPKIR_MMA_PIPE", 1)
+        gemv_pipe = env_int("MPKIR_GEMV_PIPE", 1)
 
         def mma_smem(ng: int) -> int:  # x of 8*ng tokens, split-K partials, rmsnorm reduction
             return TILE_B * ng * (K + 32) * 2 + ng * NWARP * 128 * 4 + NWARP * TILE_B * 4
@@ -590,7 +602,7 @@ class _Lowerer:
             else:
                 u = max(1, min(8, math.ceil(K / 8 / max(1, NWARP // max(r, 1)) / 32)))
                 u = 1 << (u - 1).bit_length()
-                u_max = int(os.environ.get("MPKIR_GEMV_U_MAX", 4 if gemv_pipe else 8))  # pipe: 2 buffers
+                u_max = env_int("MPKIR_GEMV_U_MAX", 4 if gemv_pipe else 8)  # pipe: 2 buffers
                 variant = f"mk_linear<{min(u, u_max)},{gemv_pipe}>"
             tasks.append(Task(variant, tp, ta, cost=r * K * 2 + 4096, prefetch=(W, n0 * K * 2, r * K * 2)))
         writes = [out] + ([part] if part else [])
@@ -663,9 +675,9 @@ class _Lowerer:
         H100, bench/RESULTS.md), K not a multiple of 256, or no room."""
         if os.environ.get("MPKIR_GEMV", "regs") != "bulk" or K % 256:
             return None
-        stage = int(os.environ.get("MPKIR_BULK_STAGE_KB", BULK_STAGE_BYTES // 1024)) * 1024
+        stage = env_int("MPKIR_BULK_STAGE_KB", BULK_STAGE_BYTES // 1024) * 1024
         rs = max(1, stage // (K * 2))
-        ring = int(os.environ.get("MPKIR_BULK_KB", BULK_RING_BYTES // 1024)) * 1024
+        ring = env_int("MPKIR_BULK_KB", BULK_RING_BYTES // 1024) * 1024
         for nst in range(min(8, max(2, ring // (rs * K * 2))), 1, -1):
             if bulk_smem(K, R, rs, nst, self.B) <= SMEM_LIMIT:
                 return rs, nst
@@ -685,7 +697,7 @@ class _Lowerer:
         k = 1
         while True:
             R = math.ceil(N / (self.num_sms * k))
-            if int(os.environ.get("MPKIR_TILE_KB", LINEAR_TILE_BYTES // 1024)) * 1024 >= R * K * 2 or R == 1:
+            if env_int("MPKIR_TILE_KB", LINEAR_TILE_BYTES // 1024) * 1024 >= R * K * 2 or R == 1:
                 return R
             k += 1
 

@@ -18,7 +18,7 @@ import weakref
 import numpy as np
 
 from mpkir.codegen.emit import emit_cuda
-from mpkir.codegen.lower import NT, SAMPLE_SMEM, Plan, dbits, halves64, lower
+from mpkir.codegen.lower import NT, SAMPLE_SMEM, Plan, dbits, env_int, halves64, lower
 from mpkir.codegen.superopt_tasks import maybe_apply
 from mpkir.runtime.jit_queue import event_queues, jit_block
 
@@ -70,7 +70,7 @@ def prefetch_settings() -> tuple[bool, int]:
     """(own tile, KiB of the next task's tile) from MPKIR_PREFETCH (default off) and MPKIR_PREFETCH_NEXT_KB
     (default PREFETCH_NEXT_KB; 0 turns it off). Own-tile prefetch takes precedence."""
     own = os.environ.get("MPKIR_PREFETCH", "0") != "0"
-    return own, 0 if own else int(os.environ.get("MPKIR_PREFETCH_NEXT_KB", PREFETCH_NEXT_KB))
+    return own, 0 if own else env_int("MPKIR_PREFETCH_NEXT_KB", PREFETCH_NEXT_KB)
 
 
 def next_task_prefetch(plan: Plan, kb: int) -> dict[int, tuple[str, int, int]]:

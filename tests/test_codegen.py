@@ -304,3 +304,15 @@ def test_prefetch_settings_default_and_switches(monkeypatch):
     assert prefetch_settings() == (False, 0)
     monkeypatch.setenv("MPKIR_PREFETCH", "1")
     assert prefetch_settings() == (True, 0)
+    monkeypatch.delenv("MPKIR_PREFETCH")
+    monkeypatch.setenv("MPKIR_PREFETCH_NEXT_KB", "32k")
+    with pytest.raises(ValueError, match="MPKIR_PREFETCH_NEXT_KB='32k': expected an integer"):
+        prefetch_settings()
+
+
+def test_integer_switches_name_themselves_when_malformed(monkeypatch):
+    monkeypatch.setenv("MPKIR_TILE_KB", "big")
+    with pytest.raises(ValueError, match="MPKIR_TILE_KB='big'"):
+        _plan("smollm2_135m")
+    monkeypatch.setenv("MPKIR_TILE_KB", "256")
+    assert _plan("smollm2_135m").num_tasks > 0
