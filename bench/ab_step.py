@@ -3,7 +3,8 @@
 random weights and inputs) and whether its 64 greedy tokens equal the first variant's.
 
 Use: python bench/ab_step.py OUT.json llama3_2_1b,qwen3_8b 1,8 "MPKIR_MMA_PIPE=0" "MPKIR_MMA_PIPE=1" ...
-A variant's SMS=n plans for n SMs (Megakernel's ``sms``). A batch over the examples' 8 tokens (e.g. 64)
+A variant's SMS=n plans for n SMs (Megakernel's ``sms``); CTX=uneven draws each request's context from
+32..1983 tokens (fixed seed) instead of 1024. A batch over the examples' 8 tokens (e.g. 64)
 runs the example with max_requests and max_tokens raised to it (and max_seq_len 2048), as
 bench/engine_bench.py sizes its engines."""
 
@@ -26,11 +27,13 @@ def time_variant(module, batch: int, env: dict[str, str]) -> tuple[float, np.nda
     """(ms per step, greedy tokens [STEPS, batch]) of the megakernel built under ``env``."""
     env = dict(env)
     sms = int(env.pop("SMS")) if "SMS" in env else None  # SMS=131: a plan of fewer workers
+    uneven = env.pop("CTX", "") == "uneven"  # CTX=uneven: each request's context drawn from 32..1983
     with mock.patch.dict(os.environ, env):
         mk = Megakernel(module, batch=batch, sms=sms)
     mk.init_random(0)
     toks = np.random.default_rng(1).integers(0, 1000, batch)
-    mk.set_inputs(toks, np.full(batch, CTX))
+    ctx = np.random.default_rng(2).integers(32, 1984, batch) if uneven else np.full(batch, CTX)
+    mk.set_inputs(toks, ctx)
     mk.launch(STEPS)
     got = mk.tokens()
     ms = sorted(mk.launch(STEPS) for _ in range(5))[2] / STEPS
