@@ -134,7 +134,7 @@ __device__ __noinline__ bool mk_schedule(int* jit, int w, unsigned& cursor, long
 }
 #endif
 
-// One walk of this SM's task list for step `it` (waits, JIT tickets) over B live tokens; the bodies see step
+// One walk of this SM's task list for step `it` (waits, JIT slots) over B live tokens; the bodies see step
 // `body_it` (the serving kernel passes 1: each step's tokens and positions are fresh inputs, as in a launch's
 // first step). False if the launch is aborting.
 __device__ __forceinline__ bool mk_walk(const MkTask* __restrict__ tasks, const int* __restrict__ list, int beg,

@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mpkir.codegen.emit import emit_cuda
@@ -107,3 +109,20 @@ def test_scheduler_kernel_compiles(monkeypatch, tmp_path):
     assert f"#define MK_SCHED_WARPS {p.sched_warps}" in src and p.sched_warps > 0
     r = nvcc_sm90a(src, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_hang_report_names_the_jit_waits(monkeypatch):
+    """A worker that timed out waiting for a launch, and a scheduler warp waiting for its queue, are named in
+    the host's watchdog report (dump rows of mk_wait_stamp; the scheduler CTA's row follows the workers')."""
+    from mpkir.runtime.host import Megakernel
+
+    p = _plan("qwen3_0_6b", monkeypatch, num_sms=8)
+    q = next(i for i, o in enumerate(p.ops) if o.jit)
+    dump = np.zeros((p.grid, 8), np.int32)
+    dump[3] = [-2, q, 5, 5, 3, 4, 1, 1]
+    dump[p.num_sms] = [-2, -3, 0, 77, 76, 0, 0, 1]
+    mk = Megakernel.__new__(Megakernel)
+    mk.plan, mk.d_dump, mk.cp = p, dump, types.SimpleNamespace(asnumpy=np.asarray)
+    rep = mk.hang_report(np.array([1, 1, 3, 0]))
+    assert f"SM   3: waits for the scheduler to launch {p.ops[q].name} at step 5 (seen 3) TIMEOUT" in rep
+    assert "scheduler: scheduler warp 2 waits for entry 77 of its event queue (seen 76)\n" in rep + "\n"
