@@ -49,7 +49,7 @@ def main(models: str, batches: str = "1") -> None:
             ms = mk.launch(2, trace_cap=4096)
             ev = [e for e in trace_events(mk) if e.get("ph") == "X"]
             span = max(e["ts"] + e["dur"] for e in ev) - min(e["ts"] for e in ev)
-            per = 2 * mk.num_sms
+            per = 2 * mk.plan.num_sms  # workers (a scheduler CTA is not traced)
             print(f"{name} b{batch}: {ms / 2:.3f} ms/step traced; span {span / 2:.0f} us/step")
             for s in summarize(mk):
                 print(f"  {s['kind']:<16} n={s['n']:>7} {s['busy_us'] / per:8.1f} us/step/SM "
