@@ -655,19 +655,19 @@ class _Lowerer:
         self.logits = logits
         self.final_op = self.add_op(s.results[0], "sample", tasks, [logits, pos], [outb, "hist"])
 
-    def sibling_rows(self, s, N: int, K: int) -> int:
-        """The rows that share this linear's tiling: with MPKIR_COTILE (default on), every bias-free linear of
-        the same K reading the same x (q/k/v, gate/up) counts, so siblings are cut into tiles of one size and
-        together take one task per worker instead of each op one per worker; else ``N`` alone."""
+    def sibling_rows(self, s, N: int, K: int) -> list[int]:
+        """The row counts that share this linear's tiling: with MPKIR_COTILE (default on), those of every
+        bias-free linear of the same K reading the same x (q/k/v, gate/up), so siblings are cut into tiles of
+        one size and together take one task per worker instead of each op one per worker; else ``[N]``."""
         if os.environ.get("MPKIR_COTILE", "1") == "0":
-            return N
+            return [N]
         x = s.operands[0]
         sib = [
             u for u in self.uses.get(x.name, [])
             if isinstance(u, ir.OpStmt) and u.op == "linear" and len(u.operands) == 2 and u.operands[0] == x
         ]
         rows = [self.buffers[self.val(u.operands[1])].shape for u in sib]  # (op_linear refused a bias)
-        return sum(n for n, _ in rows) if all(k == K for _, k in rows) else N
+        return [n for n, _ in rows] if all(k == K for _, k in rows) else [N]
 
     def bulk_ring(self, K: int, R: int) -> tuple[int, int] | None:
         """``(rows per stage, stages)`` of mk_linear_bulk for a CUDA-core tile of R rows of K, or None where
@@ -695,10 +695,16 @@ class _Lowerer:
         mode = os.environ.get("MPKIR_JIT", "auto")
         return mode == "1" or (mode == "auto" and n_tasks > 8 * self.num_sms)
 
-    def rows_per_task(self, N: int, K: int) -> int:
+    def rows_per_task(self, rows: list[int], K: int) -> int:
+        """Rows per tile for linears of ``rows`` rows each (siblings tiled together) and K: the smallest tile
+        within MPKIR_TILE_KB whose tiles, counted per linear, fill whole waves of the workers (so three
+        siblings' rounded-up tile counts never spill one task into a second wave)."""
         k = 1
         while True:
-            R = math.ceil(N / (self.num_sms * k))
+            cap = self.num_sms * k
+            R = math.ceil(sum(rows) / cap)
+            while sum(-(-n // R) for n in rows) > cap:
+                R += 1
             if env_int("MPKIR_TILE_KB", LINEAR_TILE_BYTES // 1024) * 1024 >= R * K * 2 or R == 1:
                 return R
             k += 1

@@ -316,3 +316,24 @@ def test_integer_switches_name_themselves_when_malformed(monkeypatch):
         _plan("smollm2_135m")
     monkeypatch.setenv("MPKIR_TILE_KB", "256")
     assert _plan("smollm2_135m").num_tasks > 0
+
+
+@pytest.mark.parametrize("name", ["qwen3_8b", "llama3_2_1b", "qwen3_0_6b"])
+@pytest.mark.parametrize("workers", [131, 132, 97])
+def test_sibling_linears_fill_whole_waves(name, workers):
+    """q/k/v (and gate/up) are tiled together: their tile counts, each rounded up, still fit the fewest waves
+    of workers the tile size allows (Qwen3-8B on 131 workers used to get 88 + 22 + 22 = 132 q/k/v tasks:
+    one worker ran two)."""
+    from mpkir.codegen.lower import LINEAR_TILE_BYTES
+
+    m, _ = parse_file(str(EXAMPLES / f"{name}.mpk"))
+    p = lower(m, greedy=True, batch=1, num_sms=workers)
+    layer0 = {o.name.split(".")[0]: o for o in p.ops if o.kind == "linear" and o.name.endswith(".0")}
+    for group in (("q", "k", "v"), ("gate", "up")):
+        ops = [layer0[g] for g in group]
+        rows = [o.tasks[0].a[18] for o in ops]  # each linear's N
+        K = p.buffers[ops[0].tasks[0].p[1][0]].shape[1]
+        waves = 1
+        while -(-sum(rows) // (workers * waves)) * K * 2 > LINEAR_TILE_BYTES:
+            waves += 1
+        assert sum(len(o.tasks) for o in ops) <= workers * waves, (group, [len(o.tasks) for o in ops])
