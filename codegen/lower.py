@@ -176,10 +176,8 @@ def _err(msg: str, stmt=None) -> MpkError:
 
 
 class _Lowerer:
-    sched = False  # JIT ops launched by scheduler warps (set by lower())
-
     def __init__(self, module: ir.Module, analysis, num_sms: int, greedy: bool, batch: int | None,
-                 world: int | None = None):
+                 world: int | None = None, sched: bool = False):
         from mpkir.passes.unroll import unroll
         from mpkir.semantics import build_env, resolve_type
         from mpkir.serve import serve_config
@@ -187,6 +185,7 @@ class _Lowerer:
         self.m = unroll(module)
         self.num_sms = num_sms
         self.greedy = greedy
+        self.sched = sched  # JIT ops launched by scheduler warps (a scheduler CTA beside num_sms workers)
         self.env, _ = build_env(self.m)
         sd = next((d for d in self.m.decls if isinstance(d, ir.ServeDecl)), None)
         self.serve, _ = serve_config(sd, self.env)
@@ -1017,11 +1016,13 @@ def jit_queue_mode() -> str:
 
 
 def place(ops: list[Op], num_sms: int, sched: bool = False) -> list[list[int]]:
-    """Per-SM task lists (sets ``first_task``): levels by longest same-step path, each level's tasks greedily
-    on the least-loaded SM; a JIT op gets a slot on every SM. With ``sched`` (scheduler-launched JIT ops), a
-    JIT op that waits on no event of its own step is placed instead (no event would launch it), and SMs with
-    no placed task get no slots: every visiting worker then has a task the next step's tokens wait on, so no
-    worker is more than one step behind a launch (the two-frame queues of mk_kernel.cuh rely on it)."""
+    """Per-SM task lists (sets each op's ``first_task``): levels by longest same-step path, each level's
+    tasks greedily on the least-loaded SM; a JIT op gets a slot on every SM. With ``sched``
+    (scheduler-launched JIT ops), a JIT op is placed instead (its ``jit`` cleared) unless it waits on at least
+    one event of its step and every such event is :func:`gated_ops`, and SMs with no placed task get no
+    slots: every visiting worker then has a task the next step's tokens wait on, so no worker is more than
+    one step behind a launch, and each op's events come in step order (the two-frame queues and ready counts
+    of mk_kernel.cuh rely on both)."""
     level: list[int] = []
     for o in ops:
         level.append(1 + max((level[d] for d, lag in o.deps if lag == 0), default=-1))
@@ -1094,9 +1095,7 @@ def lower(
     takes the last SM."""
     plan = _Lowerer(module, analysis, num_sms, greedy, batch, world).run()
     if plan.world == 1 and num_sms > 1 and any(o.jit for o in plan.ops) and jit_queue_mode() == "sched":
-        low = _Lowerer(module, analysis, num_sms - 1, greedy, batch, world)
-        low.sched = True
-        sched = low.run()
+        sched = _Lowerer(module, analysis, num_sms - 1, greedy, batch, world, sched=True).run()
         if sched.sched_warps:
             return sched
     return plan
