@@ -16,6 +16,7 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+from sized_examples import sized_source
 
 from mpkir.parser import parse
 from mpkir.runtime.host import Megakernel
@@ -43,12 +44,8 @@ def time_variant(module, batch: int, env: dict[str, str]) -> tuple[float, np.nda
 
 def sized(name: str, batch: int):
     """The example, its token capacity raised to ``batch`` when over its own 8."""
-    src = Path(f"examples/{name}.mpk").read_text()
-    if batch > 8:
-        for k in ("max_requests", "max_tokens"):
-            src = src.replace(f"const {k} = 8\n", f"const {k} = {batch}\n")
-        src = src.replace("const max_seq_len = 4096\n", "const max_seq_len = 2048\n")
-    return parse(src, f"{name}.mpk")
+    path = Path(f"examples/{name}.mpk")
+    return parse(sized_source(name, batch) if batch > 8 else path.read_text(), path.name)
 
 
 def main(out: str, models: str, batches: str, *variants: str) -> None:

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytorch_anchor as anchor
+from sized_examples import sized_source
 
 from mpkir.models.engine import Engine, EngineConfig, SamplingParams
 from mpkir.parser import parse
@@ -47,12 +48,7 @@ ANCH = {"qwen3_0_6b": "qwen3-0.6b", "llama3_2_1b": "llama3.2-1b", "qwen3_8b": "q
 
 
 def sized(name: str, B: int):
-    src = (Path("examples") / f"{name}.mpk").read_text()
-    for k in ("max_requests", "max_tokens"):
-        assert f"const {k} = 8\n" in src
-        src = src.replace(f"const {k} = 8\n", f"const {k} = {B}\n")
-    src = src.replace("const max_seq_len = 4096\n", "const max_seq_len = 2048\n")
-    m = parse(src, f"{name}.mpk")
+    m = parse(sized_source(name, B), f"{name}.mpk")
     return m, analyze(m), build_env(m)[0]
 
 

@@ -1052,9 +1052,8 @@ def place(ops: list[Op], num_sms: int, sched: bool = False) -> list[list[int]]:
     return lists
 
 
-def gated_ops(ops: list[Op]) -> list[bool]:
-    """Per op: whether its step cannot start before the previous step has ended: it waits (lag 1) on the op
-    every other op precedes in its step (the final op), or on the same step's gated op."""
+def same_step_ancestors(ops: list[Op]) -> list[int]:
+    """Per op: a bit mask of the ops it waits on within its step, directly or transitively."""
     anc: list[int] = []
     for o in ops:
         a = 0
@@ -1062,6 +1061,13 @@ def gated_ops(ops: list[Op]) -> list[bool]:
             if lag == 0:
                 a |= anc[d] | (1 << d)
         anc.append(a)
+    return anc
+
+
+def gated_ops(ops: list[Op]) -> list[bool]:
+    """Per op: whether its step cannot start before the previous step has ended: it waits (lag 1) on the op
+    every other op precedes in its step (the final op), or on the same step's gated op."""
+    anc = same_step_ancestors(ops)
     everything = (1 << len(ops)) - 1
     final = next((i for i, a in enumerate(anc) if a | (1 << i) == everything), None)
     gated: list[bool] = []
@@ -1073,6 +1079,11 @@ def gated_ops(ops: list[Op]) -> list[bool]:
 def jit_events(ops: list[Op]) -> list[int]:
     """Events (op indices) that launch a just-in-time op: its same-step dependencies, in order."""
     return sorted({d for o in ops if o.jit for d, lag in o.deps if lag == 0})
+
+
+def jit_consumers(ops: list[Op]) -> dict[int, list[int]]:
+    """Launching event -> the just-in-time ops that wait on it in its step, in order."""
+    return {e: [i for i, o in enumerate(ops) if o.jit and (e, 0) in o.deps] for e in jit_events(ops)}
 
 
 def sched_warps(ops: list[Op]) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpkir.codegen.lower import Plan, jit_events
+from mpkir.codegen.lower import Plan, jit_consumers, jit_events
 
 HDR = 16
 REC = 16
@@ -47,7 +47,7 @@ def jit_block(plan: Plan) -> np.ndarray:
     queues = event_queues(plan)
     per_queue = [sum(1 for q in queues.values() if q == s) for s in range(S)]
     L = queue_slots(max(per_queue, default=0))
-    consumers = {e: [i for i, o in enumerate(plan.ops) if o.jit and (e, 0) in o.deps] for e in queues}
+    consumers = jit_consumers(plan.ops) if S else {}
     q0 = HDR + REC * n_ops
     e0 = q0 + S * (2 + 2 * L)
     evl = [0]

@@ -21,6 +21,7 @@ def simulate_plan(plan, steps: int = 2, rng=None, slow=()) -> int:
     ``rng`` (a ``random.Random``) SMs and schedulers move in a random order, one action at a time, each at
     its own random rate; the SMs in ``slow`` move only when nothing else can. Returns the tasks run; raises
     on deadlock."""
+    from mpkir.codegen.lower import jit_consumers
     from mpkir.runtime.jit_queue import event_queues
 
     op_of = op_index(plan)
@@ -29,7 +30,7 @@ def simulate_plan(plan, steps: int = 2, rng=None, slow=()) -> int:
     tickets = [0] * len(plan.ops)
     queues = event_queues(plan)
     fifo: list[list[int]] = [[] for _ in range(plan.sched_warps)]
-    consumers = {e: [i for i, o in enumerate(plan.ops) if o.jit and (e, 0) in o.deps] for e in queues}
+    consumers = jit_consumers(plan.ops)
     nready = [sum(1 for _, lag in o.deps if lag == 0) for o in plan.ops]
     ready_cnt = [0] * len(plan.ops)
     head: dict[tuple[int, int], list[int]] = {}  # (op, parity) -> [step, taken]
@@ -130,21 +131,12 @@ def simulate_plan(plan, steps: int = 2, rng=None, slow=()) -> int:
             raise AssertionError(f"deadlock: SM states {state[:4]}...")
 
 
-def _ancestors(plan) -> list[int]:
-    anc = []
-    for o in plan.ops:
-        a = 0
-        for d, lag in o.deps:
-            if lag == 0:
-                a |= anc[d] | (1 << d)
-        anc.append(a)
-    return anc
-
-
 def unordered_reads(plan) -> list[tuple[str, str, str]]:
     """(op, buffer, first writer) where an op references a buffer after its first writer without waiting on it
     (directly or transitively) in the same step."""
-    anc = _ancestors(plan)
+    from mpkir.codegen.lower import same_step_ancestors
+
+    anc = same_step_ancestors(plan.ops)
     first, bad = {}, []
     for i, o in enumerate(plan.ops):
         for t in o.tasks:
