@@ -171,6 +171,8 @@ def emit_cuda(plan: Plan) -> str:
         f"#define MK_NT {NT}",
         f"#define MK_SCHED_WARPS {plan.sched_warps}",
     ]
+    if plan.numerics == "exact":  # mk_tasks.cuh's float64 accumulation (lower.NUMERICS)
+        out.append("#define MK_EXACT 1")
     if os.environ.get("MPKIR_DESC_PREFETCH", "1") == "0":  # A/B switch of mk_kernel.cuh's descriptor prefetch
         out.append("#define MK_DESC_PREFETCH 0")
     for h in _HEADERS:

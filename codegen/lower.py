@@ -41,6 +41,13 @@ NT = 512
 NWARP = NT // 32
 TILE_B = 8
 SMEM_LIMIT = 227 * 1024 - 1024
+# How the task bodies compute (Plan.numerics):
+NUMERICS = {
+    "fast": "float32 sums, fast exp; tensor cores for linears above batch 2 (the default)",
+    "exact": "float64 sums, exp and square roots, rounded only where the IR rounds, CUDA-core linears at "
+    "every batch: the results of any float64 implementation of the same rounding points, bit for bit but "
+    "for summation order (about 1e-16), so greedy tokens match such a reference (slower)",
+}
 LINEAR_TILE_BYTES = 1024 * 1024  # measured: larger tiles win (per-task overhead), see bench/RESULTS.md
 BULK_STAGE_BYTES = 16 * 1024  # mk_linear_bulk: weight rows per ring stage, at least one (MPKIR_BULK_STAGE_KB)
 BULK_RING_BYTES = 128 * 1024  # ... and the ring's size (MPKIR_BULK_KB), 2 to 8 stages
@@ -97,13 +104,13 @@ class Buffer:
     name: str
     kind: str  # weight | state | act | input | scratch | output | const
     shape: tuple[int, ...]
-    dtype: str  # bf16 | f32 | i32
+    dtype: str  # bf16 | f32 | f64 | i32
     checkpoint: str | None = None  # weights: checkpoint tensor name (tied weights share one buffer)
     data: object = None  # const: the values (a NumPy array the host uploads once)
 
     @property
     def itemsize(self) -> int:
-        return {"bf16": 2, "f32": 4, "i32": 4}[self.dtype]
+        return {"bf16": 2, "f32": 4, "f64": 8, "i32": 4}[self.dtype]
 
     @property
     def nbytes(self) -> int:
@@ -145,6 +152,7 @@ class Plan:
     num_sms: int = NUM_SMS  # workers (one CTA each)
     world: int = 1  # tensor-parallel ranks (collective tasks present when > 1)
     sched_warps: int = 0  # scheduler warps launching the JIT ops, in one more CTA (0: ticket claims, no CTA)
+    numerics: str = "fast"  # fast | exact (see NUMERICS)
 
     @property
     def grid(self) -> int:
@@ -177,7 +185,7 @@ def _err(msg: str, stmt=None) -> MpkError:
 
 class _Lowerer:
     def __init__(self, module: ir.Module, analysis, num_sms: int, greedy: bool, batch: int | None,
-                 world: int | None = None, sched: bool = False):
+                 world: int | None = None, sched: bool = False, numerics: str = "fast"):
         from mpkir.passes.unroll import unroll
         from mpkir.semantics import build_env, resolve_type
         from mpkir.serve import serve_config
@@ -186,6 +194,10 @@ class _Lowerer:
         self.num_sms = num_sms
         self.greedy = greedy
         self.sched = sched  # JIT ops launched by scheduler warps (a scheduler CTA beside num_sms workers)
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics={numerics!r}: expected one of {', '.join(NUMERICS)}")
+        self.exact = numerics == "exact"
+        self.acc, self.acc_size = ("f64", 8) if self.exact else ("f32", 4)  # mk_acc of codegen/mk_tasks.cuh
         self.env, _ = build_env(self.m)
         sd = next((d for d in self.m.decls if isinstance(d, ir.ServeDecl)), None)
         self.serve, _ = serve_config(sd, self.env)
@@ -195,6 +207,8 @@ class _Lowerer:
                  for d in self.m.decls if isinstance(d, ir.GraphDecl) for s in d.body)
         self.world = int(world or (getattr(self.serve, "gpus", 1) if tp else 1) or 1)
         self.B = min(self.maxB, batch or self.maxB)  # live tokens: tasks of tokens >= B are left out
+        if self.exact and self.world > 1:
+            raise _err("exact numerics are for one GPU (the collectives sum in float32)")
         graphs = [d for d in self.m.decls if isinstance(d, ir.GraphDecl)]
         if not graphs:
             raise _err("no graph to compile")
@@ -554,7 +568,7 @@ class _Lowerer:
         if epi & 2:
             part = self.add_buffer(f"argpart:{s.results[0]}", "scratch", (ntile, self.maxB, 2), "f32")
         mode_mma = os.environ.get("MPKIR_MMA", "auto")
-        mma = K % 32 == 0 and (mode_mma == "1" or (mode_mma == "auto" and self.B > 2))
+        mma = K % 32 == 0 and (mode_mma == "1" or (mode_mma == "auto" and self.B > 2)) and not self.exact
         # weight streams (bench/RESULTS.md, H100 2026-12-05): mk_linear_mma bit 1 double-buffers the K blocks
         # (Qwen3-8B b8 13.1 -> 11.2 ms/step), bit 2 loads the first before the wait (slower: 14.0); mk_linear
         # 1 double-buffers rows (Llama-1B b1 2.03 -> 2.00)
@@ -574,7 +588,7 @@ class _Lowerer:
         elif bulk:
             smem = bulk_smem(K, R, *bulk, self.B)
         else:
-            smem = TILE_B * K * 2 + 2 * NWARP * TILE_B * 4
+            smem = TILE_B * K * 2 + 2 * NWARP * TILE_B * self.acc_size
         self.smem = max(getattr(self, "smem", 0), smem)
         if smem > SMEM_LIMIT:
             raise _err(f"linear K={K} needs {smem} B of shared memory (limit {SMEM_LIMIT})", s)
@@ -672,7 +686,7 @@ class _Lowerer:
         """``(rows per stage, stages)`` of mk_linear_bulk for a CUDA-core tile of R rows of K, or None where
         the register-streaming mk_linear serves: by default (MPKIR_GEMV=bulk asks for it; slower on the
         H100, bench/RESULTS.md), K not a multiple of 256, or no room."""
-        if os.environ.get("MPKIR_GEMV", "regs") != "bulk" or K % 256:
+        if os.environ.get("MPKIR_GEMV", "regs") != "bulk" or K % 256 or self.exact:
             return None
         stage = env_int("MPKIR_BULK_STAGE_KB", BULK_STAGE_BYTES // 1024) * 1024
         rs = max(1, stage // (K * 2))
@@ -794,7 +808,7 @@ class _Lowerer:
             ta = dict(a)
             ta[21] = b
             tasks.append(Task(f"mk_head_norm_rope<{D}>", dict(p), ta, cost=H * D * 4))
-        self.smem = max(getattr(self, "smem", 0), NWARP * D * 4)
+        self.smem = max(getattr(self, "smem", 0), NWARP * D * self.acc_size)
         self.add_op(last.results[0], "norm_rope", tasks, reads, writes)
 
     def op_paged_attention(self, s):
@@ -813,7 +827,7 @@ class _Lowerer:
         S = max(1, min(16, self.num_sms // (Hkv * self.B)))
         out = self.new_act(s.results[0], self.types[s.results[0]])
         part = (
-            self.add_buffer(f"attnpart:{s.results[0]}", "scratch", (self.maxB, Hkv, S, G, D + 2), "f32")
+            self.add_buffer(f"attnpart:{s.results[0]}", "scratch", (self.maxB, Hkv, S, G, D + 2), self.acc)
             if S > 1
             else None
         )
@@ -840,7 +854,11 @@ class _Lowerer:
                         )
                     )
         NP = NWARP * (32 // (D // 8))
-        self.smem = max(getattr(self, "smem", 0), NP * G * (D + 2) * 4)
+        smem = NP * G * (D + 2) * self.acc_size
+        if smem > SMEM_LIMIT:
+            raise _err(f"paged_attention with group {G} needs {smem} B of shared memory (limit {SMEM_LIMIT})"
+                       + (" in exact numerics" if self.exact else ""), s)
+        self.smem = max(getattr(self, "smem", 0), smem)
         self.add_op(
             s.results[0] + ".split",
             "attention",
@@ -1002,6 +1020,7 @@ class _Lowerer:
             num_sms=self.num_sms,
             world=self.world,
             sched_warps=sched_warps(self.ops) if sched else 0,
+            numerics="exact" if self.exact else "fast",
         )
 
 
@@ -1099,14 +1118,16 @@ def lower(
     greedy: bool = False,
     batch: int | None = None,
     world: int | None = None,
+    numerics: str = "fast",
 ) -> Plan:
     """Lower the module's (first) graph to a megakernel plan for ``num_sms`` SMs (``world``: ranks of a
-    tensor-parallel rank module; default the serve block's ``gpus``). A plan with just-in-time ops launched
-    by scheduler warps (:func:`jit_queue_mode`) is re-planned for ``num_sms - 1`` workers: the scheduler CTA
-    takes the last SM."""
-    plan = _Lowerer(module, analysis, num_sms, greedy, batch, world).run()
+    tensor-parallel rank module; default the serve block's ``gpus``; ``numerics``: a key of
+    :data:`NUMERICS`). A plan with just-in-time ops launched by scheduler warps (:func:`jit_queue_mode`) is
+    re-planned for ``num_sms - 1`` workers: the scheduler CTA takes the last SM."""
+    plan = _Lowerer(module, analysis, num_sms, greedy, batch, world, numerics=numerics).run()
     if plan.world == 1 and num_sms > 1 and any(o.jit for o in plan.ops) and jit_queue_mode() == "sched":
-        sched = _Lowerer(module, analysis, num_sms - 1, greedy, batch, world, sched=True).run()
+        sched = _Lowerer(module, analysis, num_sms - 1, greedy, batch, world, sched=True,
+                         numerics=numerics).run()
         if sched.sched_warps:
             return sched
     return plan

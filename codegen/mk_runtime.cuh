@@ -108,7 +108,18 @@ __device__ __forceinline__ void mk_unpack8(uint4 v, float* f) {
     f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
 }
+__device__ __forceinline__ void mk_unpack8(uint4 v, double* d) {
+  float f[8];
+  mk_unpack8(v, f);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) d[i] = f[i];
+}
 __device__ __forceinline__ float mk_warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ double mk_warp_sum(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;

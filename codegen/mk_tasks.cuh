@@ -2,6 +2,25 @@
 // with pre-offset pointers (no blockIdx); bf16 storage, f32 accumulation. Parameters: see codegen/lower.py.
 #pragma once
 
+// Accumulation: float, or double in an exact build (MK_EXACT, lower(numerics="exact")): the CUDA-core bodies
+// then sum, exponentiate and take square roots in float64 and round (to float32, then bf16) only where the IR
+// rounds, so their results are those of any float64 implementation of the same rounding points, summation
+// order aside (which moves a value by ~1e-16, far below a bf16 rounding step). The tensor-core and bulk
+// linears stay float32 (an exact plan does not use them).
+#ifdef MK_EXACT
+typedef double mk_acc;
+#else
+typedef float mk_acc;
+#endif
+__device__ __forceinline__ float mk_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double mk_fma(double a, double b, double c) { return fma(a, b, c); }
+__device__ __forceinline__ float mk_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double mk_exp(double x) { return exp(x); }
+__device__ __forceinline__ float mk_rsqrt(float x) { return rsqrtf(x); }
+__device__ __forceinline__ double mk_rsqrt(double x) { return 1.0 / sqrt(x); }
+__device__ __forceinline__ float mk_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double mk_max(double a, double b) { return fmax(a, b); }
+
 // ---------------------------------------------------------------- embedding (+ step advance)
 // p0 table [V,H], p1 out [B,H], p2 tokens0 [B], p3 token history [steps,maxB], p4 live positions [B],
 // p5 positions0 [B]; a16 H, a17 token b, a18 maxB, a19 vocab
@@ -24,20 +43,20 @@ __device__ void mk_rmsnorm(const MkTask& t, int it, int B, char* smem) {
   if (!mk_block_wait(t)) return;
   const int H = t.a[16], xs = t.a[18];
   const float eps = mk_af(t, 17);
-  float* red = (float*)smem;
+  mk_acc* red = (mk_acc*)smem;
   for (int b = 0; b < B; ++b) {
     const __nv_bfloat16* x = (const __nv_bfloat16*)t.p[0] + (size_t)b * xs;
-    float s = 0.f;
-    for (int i = threadIdx.x; i < H; i += MK_NT) { float v = mk_ld_bf16(x + i); s += v * v; }
+    mk_acc s = 0.f;
+    for (int i = threadIdx.x; i < H; i += MK_NT) { mk_acc v = mk_ld_bf16(x + i); s += v * v; }
     s = mk_warp_sum(s);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
     __syncthreads();
-    float tot = 0.f;
+    mk_acc tot = 0.f;
     for (int w = 0; w < MK_NWARP; ++w) tot += red[w];
-    const float r = rsqrtf(tot / H + eps);
+    const mk_acc r = mk_rsqrt(tot / H + eps);
     for (int i = threadIdx.x; i < H; i += MK_NT) {
-      float v = mk_ld_bf16(x + i) * r * __bfloat162float(((const __nv_bfloat16*)t.p[1])[i]);
-      ((__nv_bfloat16*)t.p[2])[(size_t)b * H + i] = __float2bfloat16_rn(v);
+      mk_acc v = mk_ld_bf16(x + i) * r * __bfloat162float(((const __nv_bfloat16*)t.p[1])[i]);
+      ((__nv_bfloat16*)t.p[2])[(size_t)b * H + i] = __float2bfloat16_rn((float)v);
     }
     __syncthreads();
   }
@@ -51,9 +70,9 @@ __device__ void mk_eltwise(const MkTask& t, int it, int B, char* smem) {
   for (int i = threadIdx.x; i < B * n; i += MK_NT) {
     const int b = i / n, c = i % n;
     const size_t o = (size_t)b * st + c;
-    float x = mk_ld_bf16((const __nv_bfloat16*)t.p[0] + o), y = mk_ld_bf16((const __nv_bfloat16*)t.p[1] + o);
-    float r = op == 0 ? x + y : (x / (1.f + __expf(-x))) * y;
-    ((__nv_bfloat16*)t.p[2])[o] = __float2bfloat16_rn(r);
+    mk_acc x = mk_ld_bf16((const __nv_bfloat16*)t.p[0] + o), y = mk_ld_bf16((const __nv_bfloat16*)t.p[1] + o);
+    mk_acc r = op == 0 ? x + y : (x / ((mk_acc)1.f + mk_exp(-x))) * y;
+    ((__nv_bfloat16*)t.p[2])[o] = __float2bfloat16_rn((float)r);
   }
 }
 
@@ -65,7 +84,9 @@ __device__ void mk_eltwise(const MkTask& t, int it, int B, char* smem) {
 // p4 norm weight [K], p5 up [B, K] (stride a19), p6 argmax partials {float, int}[B] of this tile
 // a16 K, a17 R, a18 out stride, a19 x stride, a20 mode, a21 eps bits, a22 epilogue flags, a23 n0
 // Stage x[b0 .. b0+nb) (with the prologue transform) into shared memory rows of XST elements.
-__device__ __forceinline__ void mk_stage_x(const MkTask& t, int b0, int nb, __nv_bfloat16* xs, int XST, float* red) {
+// A: the accumulation type of the rmsnorm and silu prologues (mk_acc for mk_linear, float for the others).
+template <class A>
+__device__ __forceinline__ void mk_stage_x(const MkTask& t, int b0, int nb, __nv_bfloat16* xs, int XST, A* red) {
   const int K = t.a[16], XS = t.a[19], mode = t.a[20];
   const float eps = mk_af(t, 21);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -73,7 +94,7 @@ __device__ __forceinline__ void mk_stage_x(const MkTask& t, int b0, int nb, __nv
   const int K_ = XST;
     // ---- prologue: stage x[b0 .. b0+nb) in shared memory
   if (mode == 1) {  // block-wide sum of squares per token, then normalise in parallel
-    float ss[MK_TILE_B];
+    A ss[MK_TILE_B];
 #pragma unroll
     for (int b = 0; b < MK_TILE_B; ++b) ss[b] = 0.f;
     for (int c = threadIdx.x; c < nchunk; c += MK_NT) {
@@ -83,27 +104,27 @@ __device__ __forceinline__ void mk_stage_x(const MkTask& t, int b0, int nb, __nv
           float f[8];
           mk_unpack8(mk_ld_act16((const __nv_bfloat16*)t.p[0] + (size_t)(b0 + b) * XS + c * 8), f);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) ss[b] += f[j] * f[j];
+          for (int j = 0; j < 8; ++j) ss[b] += (A)f[j] * f[j];
         }
       }
     }
 #pragma unroll
     for (int b = 0; b < MK_TILE_B; ++b) {
-      const float v = mk_warp_sum(ss[b]);
+      const A v = mk_warp_sum(ss[b]);
       if (lane == 0) red[warp * MK_TILE_B + b] = v;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < nb * nchunk; i += MK_NT) {
       const int b = i / nchunk, c = i % nchunk;
-      float tot = 0.f;
+      A tot = 0.f;
       for (int w = 0; w < MK_NWARP; ++w) tot += red[w * MK_TILE_B + b];
-      const float r = rsqrtf(tot / K + eps);
+      const A r = mk_rsqrt(tot / K + eps);
       float f[8], g[8];
       mk_unpack8(mk_ld_act16((const __nv_bfloat16*)t.p[0] + (size_t)(b0 + b) * XS + c * 8), f);
       mk_unpack8(mk_ld_weight((const __nv_bfloat16*)t.p[4] + c * 8), g);
       __align__(16) __nv_bfloat16 o[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) o[j] = __float2bfloat16_rn(f[j] * r * g[j]);
+      for (int j = 0; j < 8; ++j) o[j] = __float2bfloat16_rn((float)(f[j] * r * g[j]));
       *(uint4*)(xs + (size_t)b * K_ + c * 8) = *(uint4*)o;
     }
   } else {
@@ -116,7 +137,10 @@ __device__ __forceinline__ void mk_stage_x(const MkTask& t, int b0, int nb, __nv
         mk_unpack8(mk_ld_act16((const __nv_bfloat16*)t.p[5] + (size_t)(b0 + b) * XS + c * 8), u);
         __align__(16) __nv_bfloat16 o[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) o[j] = __float2bfloat16_rn((g[j] / (1.f + __expf(-g[j]))) * u[j]);
+        for (int j = 0; j < 8; ++j) {
+          const A gj = g[j];
+          o[j] = __float2bfloat16_rn((float)((gj / ((A)1.f + mk_exp(-gj))) * u[j]));
+        }
         v = *(uint4*)o;
       }
       *(uint4*)(xs + (size_t)b * K_ + c * 8) = v;
@@ -125,9 +149,10 @@ __device__ __forceinline__ void mk_stage_x(const MkTask& t, int b0, int nb, __nv
 }
 
 // Output element o of a linear tile (a25: float32 output, unrounded; else bf16 with the residual epilogue).
-__device__ __forceinline__ void mk_store_out(const MkTask& t, size_t o, float acc) {
-  if (t.a[25]) { ((float*)t.p[2])[o] = acc; return; }
-  float v = mk_bf16_round(acc);
+template <class A>
+__device__ __forceinline__ void mk_store_out(const MkTask& t, size_t o, A acc) {
+  if (t.a[25]) { ((float*)t.p[2])[o] = (float)acc; return; }
+  float v = mk_bf16_round((float)acc);
   if (t.a[22] & 1) v = mk_ld_bf16((const __nv_bfloat16*)t.p[3] + o) + v;
   ((__nv_bfloat16*)t.p[2])[o] = __float2bfloat16_rn(v);
 }
@@ -183,8 +208,8 @@ template <int U, int P>
 __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
   const int K = t.a[16], R = t.a[17], NS = t.a[18], epi = t.a[22];
   __nv_bfloat16* xs = (__nv_bfloat16*)smem;                           // [MK_TILE_B][K]
-  float* part = (float*)(smem + (size_t)MK_TILE_B * K * 2);          // [MK_NWARP][MK_TILE_B]
-  float* red = part + MK_NWARP * MK_TILE_B;                           // [MK_NWARP][MK_TILE_B]
+  mk_acc* part = (mk_acc*)(smem + (size_t)MK_TILE_B * K * 2);        // [MK_NWARP][MK_TILE_B]
+  mk_acc* red = part + MK_NWARP * MK_TILE_B;                          // [MK_NWARP][MK_TILE_B]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nchunk = K / 8;
   const int KS = R >= MK_NWARP ? 1 : MK_NWARP / R;                   // warps per row (in-CTA split-K)
@@ -204,7 +229,7 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
     __syncthreads();
     // ---- main loop: each warp streams rows (or a K-segment of one row) with U 16-byte loads in flight
     for (int r = rgrp; r < R; r += rstep) {
-      float acc[MK_TILE_B];
+      mk_acc acc[MK_TILE_B];
 #pragma unroll
       for (int b = 0; b < MK_TILE_B; ++b) acc[b] = 0.f;
       for (int c = c0 + lane; c < c1; c += cstep) {
@@ -231,7 +256,7 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
                 float xf[8];
                 mk_unpack8(*(const uint4*)(xs + (size_t)b * K + cc * 8), xf);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[b] = fmaf(wf[j], xf[j], acc[b]);
+                for (int j = 0; j < 8; ++j) acc[b] = mk_fma((mk_acc)wf[j], (mk_acc)xf[j], acc[b]);
               }
             }
           }
@@ -247,7 +272,7 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
         if (b < nb) acc[b] = mk_warp_sum(acc[b]);  // warp-uniform: no shuffles for empty token slots
       if (KS == 1) {
         if (lane < nb) {
-          float v = acc[0];
+          mk_acc v = acc[0];
 #pragma unroll
           for (int b = 1; b < MK_TILE_B; ++b) if (lane == b) v = acc[b];
           mk_store_out(t, (size_t)(b0 + lane) * NS + r, v);
@@ -261,7 +286,7 @@ __device__ void mk_linear(const MkTask& t, int it, int B, char* smem) {
     if (KS > 1) {
       for (int i = threadIdx.x; i < R * nb; i += MK_NT) {
         const int r = i / nb, b = i % nb;
-        float v = 0.f;
+        mk_acc v = 0.f;
         for (int k = 0; k < KS; ++k) v += part[(r * KS + k) * MK_TILE_B + b];
         mk_store_out(t, (size_t)(b0 + b) * NS + r, v);
       }
@@ -429,18 +454,18 @@ __device__ void mk_head_norm_rope(const MkTask& t, int it, int B, char* smem) {
   const float eps = mk_af(t, 18);
   const double theta = (double)mk_af(t, 19);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* buf = (float*)smem + warp * D;
+  mk_acc* buf = (mk_acc*)smem + warp * D;
   const int pos = mk_ld_i32((const int*)t.p[3] + b);
   const long long kvo = (flags & 4) ? mk_kv_slot(t, b, H * D) : -1;
   for (int h = warp; h < H; h += MK_NWARP) {
     const __nv_bfloat16* x = (const __nv_bfloat16*)t.p[0] + ((size_t)b * H + h) * D;
-    float s = 0.f;
-    for (int i = lane; i < D; i += 32) { float v = mk_ld_bf16(x + i); buf[i] = v; s += v * v; }
+    mk_acc s = 0.f;
+    for (int i = lane; i < D; i += 32) { mk_acc v = mk_ld_bf16(x + i); buf[i] = v; s += v * v; }
     s = mk_warp_sum(s);
     if (flags & 1) {
-      const float r = rsqrtf(s / D + eps);
+      const mk_acc r = mk_rsqrt(s / D + eps);
       for (int i = lane; i < D; i += 32)
-        buf[i] = mk_bf16_round(buf[i] * r * __bfloat162float(((const __nv_bfloat16*)t.p[1])[i]));
+        buf[i] = mk_bf16_round((float)(buf[i] * r * __bfloat162float(((const __nv_bfloat16*)t.p[1])[i])));
     }
     __syncwarp();
     __nv_bfloat16* o = (__nv_bfloat16*)t.p[2] + ((size_t)b * H + h) * D;
@@ -458,7 +483,7 @@ __device__ void mk_head_norm_rope(const MkTask& t, int it, int B, char* smem) {
       __syncwarp();
     }
     for (int i = lane; i < D; i += 32) {
-      const __nv_bfloat16 r = __float2bfloat16_rn(buf[i]);
+      const __nv_bfloat16 r = __float2bfloat16_rn((float)buf[i]);
       o[i] = r;
       if (kvo >= 0) {
         ((__nv_bfloat16*)t.p[5])[kvo + h * D + i] = r;
@@ -505,14 +530,14 @@ __device__ void mk_attention(const MkTask& t, int it, int B, char* smem) {
   const int chunk = (L + S - 1) / S;
   const int p0 = s * chunk, p1 = min(L, p0 + chunk);
   // q (scaled) for this lane's 8 elements of each head of the group
-  float q[G][8];
+  mk_acc q[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     mk_unpack8(mk_ld_act16((const __nv_bfloat16*)t.p[0] + ((size_t)b * Hq + kvh * G + g) * D + gl * 8), q[g]);
 #pragma unroll
     for (int j = 0; j < 8; ++j) q[g][j] *= scale;
   }
-  float m[G], l[G], acc[G][8];
+  mk_acc m[G], l[G], acc[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     m[g] = MK_NEG_INF; l[g] = 0.f;
@@ -536,14 +561,14 @@ __device__ void mk_attention(const MkTask& t, int it, int B, char* smem) {
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      float d = 0.f;
+      mk_acc d = 0.f;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) d = fmaf(q[g][j], kf[j], d);
+      for (int j = 0; j < 8; ++j) d = mk_fma(q[g][j], (mk_acc)kf[j], d);
 #pragma unroll
       for (int o = LPP / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
       if (ok) {
-        const float mn = fmaxf(m[g], d);
-        const float corr = __expf(m[g] - mn), pe = __expf(d - mn);
+        const mk_acc mn = mk_max(m[g], d);
+        const mk_acc corr = mk_exp(m[g] - mn), pe = mk_exp(d - mn);
         l[g] = l[g] * corr + pe;
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * corr + pe * vf[j];
@@ -553,9 +578,9 @@ __device__ void mk_attention(const MkTask& t, int it, int B, char* smem) {
   }
   // combine the NWARP*PPW partial states in shared memory
   constexpr int NP = MK_NWARP * PPW;
-  float* sm_m = (float*)smem;               // [NP][G]
-  float* sm_l = sm_m + NP * G;              // [NP][G]
-  float* sm_a = sm_l + NP * G;              // [NP][G][D]
+  mk_acc* sm_m = (mk_acc*)smem;             // [NP][G]
+  mk_acc* sm_l = sm_m + NP * G;             // [NP][G]
+  mk_acc* sm_a = sm_l + NP * G;             // [NP][G][D]
   const int pi = warp * PPW + grp;
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -566,22 +591,23 @@ __device__ void mk_attention(const MkTask& t, int it, int B, char* smem) {
   __syncthreads();
   for (int i = threadIdx.x; i < G * D; i += MK_NT) {
     const int g = i / D, d = i % D;
-    float M = MK_NEG_INF;
-    for (int k = 0; k < NP; ++k) M = fmaxf(M, sm_m[k * G + g]);
-    float Ls = 0.f, A = 0.f;
+    mk_acc M = MK_NEG_INF;
+    for (int k = 0; k < NP; ++k) M = mk_max(M, sm_m[k * G + g]);
+    mk_acc Ls = 0.f, A = 0.f;
     if (M != MK_NEG_INF) {
       for (int k = 0; k < NP; ++k) {
-        const float mk = sm_m[k * G + g];
+        const mk_acc mk = sm_m[k * G + g];
         if (mk == MK_NEG_INF) continue;
-        const float e = __expf(mk - M);
+        const mk_acc e = mk_exp(mk - M);
         Ls += sm_l[k * G + g] * e;
         A += sm_a[(k * G + g) * D + d] * e;
       }
     }
     if (S == 1) {
-      ((__nv_bfloat16*)t.p[8])[((size_t)b * Hq + kvh * G + g) * D + d] = __float2bfloat16_rn(Ls > 0.f ? A / Ls : 0.f);
+      ((__nv_bfloat16*)t.p[8])[((size_t)b * Hq + kvh * G + g) * D + d] =
+          __float2bfloat16_rn((float)(Ls > 0.f ? A / Ls : (mk_acc)0.f));
     } else {
-      float* pp = (float*)t.p[8] + (((size_t)b * Hkv + kvh) * S + s) * G * (D + 2) + g * (D + 2);
+      mk_acc* pp = (mk_acc*)t.p[8] + (((size_t)b * Hkv + kvh) * S + s) * G * (D + 2) + g * (D + 2);
       if (d == 0) { pp[0] = M; pp[1] = Ls; }
       pp[2 + d] = A;
     }
@@ -595,24 +621,24 @@ __device__ void mk_attention_merge(const MkTask& t, int it, int B, char* smem) {
   const int b = t.a[16];
   if (b >= B) return;
   const int kvh = t.a[17], S = t.a[18], Hkv = t.a[19], G = t.a[20], D = t.a[21];
-  const float* pp = (const float*)t.p[0] + ((size_t)b * Hkv + kvh) * S * G * (D + 2);
+  const mk_acc* pp = (const mk_acc*)t.p[0] + ((size_t)b * Hkv + kvh) * S * G * (D + 2);
   for (int i = threadIdx.x; i < G * D; i += MK_NT) {
     const int g = i / D, d = i % D;
-    float M = MK_NEG_INF;
-    for (int s = 0; s < S; ++s) M = fmaxf(M, __ldcg(pp + (s * G + g) * (D + 2)));
-    float Ls = 0.f, A = 0.f;
+    mk_acc M = MK_NEG_INF;
+    for (int s = 0; s < S; ++s) M = mk_max(M, __ldcg(pp + (s * G + g) * (D + 2)));
+    mk_acc Ls = 0.f, A = 0.f;
     if (M != MK_NEG_INF) {
       for (int s = 0; s < S; ++s) {
-        const float* q = pp + (s * G + g) * (D + 2);
-        const float mk = __ldcg(q);
+        const mk_acc* q = pp + (s * G + g) * (D + 2);
+        const mk_acc mk = __ldcg(q);
         if (mk == MK_NEG_INF) continue;
-        const float e = __expf(mk - M);
+        const mk_acc e = mk_exp(mk - M);
         Ls += __ldcg(q + 1) * e;
         A += __ldcg(q + 2 + d) * e;
       }
     }
     ((__nv_bfloat16*)t.p[1])[((size_t)b * Hkv * G + kvh * G + g) * D + d] =
-        __float2bfloat16_rn(Ls > 0.f ? A / Ls : 0.f);
+        __float2bfloat16_rn((float)(Ls > 0.f ? A / Ls : (mk_acc)0.f));
   }
 }
 

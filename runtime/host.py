@@ -148,13 +148,13 @@ def launch_inputs(plan: Plan, tokens, positions, seq_ids=None, page_table=None, 
 
 
 def poison_buffers(plan: Plan, bufs) -> None:
-    """NaN (bf16/f32) or -1 (i32) in every activation and scratch buffer of ``bufs`` (CuPy or NumPy)."""
+    """NaN (bf16/f32/f64) or -1 (i32) in every activation and scratch buffer of ``bufs`` (CuPy or NumPy)."""
     for name, b in plan.buffers.items():
         if b.kind in ("act", "scratch"):
             a = bufs[name]
             if a.dtype == np.uint16:
                 a.fill(0x7FC0)
-            elif a.dtype == np.float32:
+            elif a.dtype in (np.float32, np.float64):
                 a.fill(np.nan)
             else:
                 a.fill(-1)
@@ -195,9 +195,11 @@ class Megakernel:
         spin_limit: int = 20_000_000,
         superopt=None,
         sms: int | None = None,
+        numerics: str = "fast",
     ):
         """``sms``: SMs the kernel may use (default: all of the device's); the plan's workers and, with
-        scheduler-launched ops, its scheduler CTA fit in them."""
+        scheduler-launched ops, its scheduler CTA fit in them. ``numerics``: ``fast`` or ``exact``
+        (``codegen.lower.NUMERICS``; an exact plan runs no found programs)."""
         cp = self.cp = _cupy()
         dev = cp.cuda.Device()
         props = cp.cuda.runtime.getDeviceProperties(dev.id)
@@ -207,12 +209,13 @@ class Megakernel:
                 raise DeviceError(f"sms={sms}: the device has {self.num_sms} SMs")
             self.num_sms = sms
         self.device_name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        self.module, self.greedy = module, greedy
+        self.module, self.greedy, self.numerics = module, greedy, numerics
         t0 = time.time()
-        self.superopt = superopt  # found task programs: None = $MPKIR_SUPEROPT (codegen.superopt_tasks)
-        self.plan: Plan = maybe_apply(
-            lower(module, num_sms=self.num_sms, greedy=greedy, batch=batch), module, superopt
-        )
+        if numerics == "exact" and superopt:
+            raise DeviceError("exact numerics run the hand-written task bodies only (no found programs)")
+        # found task programs: None = $MPKIR_SUPEROPT (codegen.superopt_tasks)
+        self.superopt = False if numerics == "exact" else superopt
+        self.plan: Plan = maybe_apply(self._lower(batch), module, self.superopt)
         if self.plan.world > 1:
             raise DeviceError("a tensor-parallel rank module runs on TPMegakernel (python -m "
                               "mpkir.models.shard_launch FILE --gpus N --device gpu)")
@@ -239,10 +242,13 @@ class Megakernel:
         self.B = self.plan.batch
         self._alloc()
 
+    def _lower(self, batch: int | None) -> Plan:
+        return lower(self.module, num_sms=self.num_sms, greedy=self.greedy, batch=batch,
+                     numerics=self.numerics)
+
     def set_batch(self, batch: int):
         """Re-plan for ``batch`` live tokens, keeping weights and caches (same kernel source)."""
-        plan = lower(self.module, num_sms=self.num_sms, greedy=self.greedy, batch=batch)
-        self.plan = maybe_apply(plan, self.module, self.superopt)
+        self.plan = maybe_apply(self._lower(batch), self.module, self.superopt)
         src = emit_cuda(self.plan)
         if src != self.src:
             self.src = src
@@ -256,7 +262,7 @@ class Megakernel:
     def _alloc(self):
         cp = self.cp
         for name, b in self.plan.buffers.items():
-            dt = {"bf16": cp.uint16, "f32": cp.float32, "i32": cp.int32}[b.dtype]
+            dt = _cp_dtype(cp, b.dtype)
             old = self.bufs.get(name)
             if old is not None and (old.shape == tuple(b.shape) or name == "hist"):
                 continue
@@ -785,7 +791,8 @@ def run_cli(args) -> int:
     module, _ = load(args.path)
     env, _ = build_env(module)
     ntok = len(args.tokens) if args.tokens else 1
-    mk = Megakernel(module, batch=ntok, greedy=getattr(args, "greedy", False))
+    mk = Megakernel(module, batch=ntok, greedy=getattr(args, "greedy", False),
+                    numerics=getattr(args, "numerics", "fast"))
     mk.init_random(args.seed)
     vocab = int(env.consts.get("vocab", 1000))
     rng = np.random.default_rng(args.seed)
@@ -1000,7 +1007,7 @@ def arena_layout(plan: Plan) -> tuple[dict[str, int], int]:
 
 
 def _cp_dtype(cp, dtype: str):
-    return {"bf16": cp.uint16, "f32": cp.float32, "i32": cp.int32}[dtype]
+    return {"bf16": cp.uint16, "f32": cp.float32, "f64": cp.float64, "i32": cp.int32}[dtype]
 
 
 def _free_arena(cp, ptr: int, opened: list[int]) -> None:

@@ -331,6 +331,7 @@ def test_run_usage_errors(tmp_path, capsys):
     f = _write(tmp_path, "good.mpk", GOOD)
     assert main(["run", str(f), "--tokens", "1,x"]) == 2
     assert main(["run", str(f), "--device", "tpu"]) == 2
+    assert main(["run", str(f), "--device", "gpu", "--numerics", "fp8"]) == 2
     assert main(["run", str(f), "--inputs", "a.npz", "--tokens", "1"]) == 2
     capsys.readouterr()
 

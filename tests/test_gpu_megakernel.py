@@ -120,3 +120,53 @@ def test_sample_task_draws_the_operators_token(temperature, top_k, top_p):
         assert toks.shape == (steps, batch)
         assert toks[-1].tolist() == want.tolist()
         assert (mk.bufs["v:next"].get()[:batch] == want).all()
+
+
+@pytest.mark.parametrize("name", ["llama3_2_1b", "qwen3_0_6b"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_exact_plan_gives_the_float64_references_bits(name, batch):
+    """numerics="exact" (float64 sums, rounded only where the IR rounds) with the example's real sizes cut to
+    two layers, random weights and KV cache: two teacher-forced steps at position 300 whose bf16 logits are
+    mpkir.testing.exact_ref's bit for bit (buffers poisoned first), then 8 greedy steps in one launch equal to
+    the reference's."""
+    from mpkir.models import config as mconfig
+    from mpkir.parser import parse
+    from mpkir.runtime.host import Megakernel
+    from mpkir.semantics import build_env
+    from mpkir.testing.exact_ref import ExactRef
+
+    path = EXAMPLE.parent / f"{name}.mpk"
+    src = path.read_text()
+    m = mconfig.apply_config(parse(src, str(path)), {"num_hidden_layers": 2}, source=src, strict=False)
+    consts = build_env(m)[0].consts
+    mk = Megakernel(m, batch=batch, numerics="exact")
+    assert not any("mma" in v for v in mk.plan.variants)
+    mk.init_random(batch)
+    plan, rng = mk.plan, np.random.default_rng()
+    tok0 = tok = rng.integers(0, int(consts["vocab"]), batch)
+    seq = np.arange(batch)
+    mk.set_inputs(tok, np.full(batch, 300))
+
+    def host_ref():
+        keep = ("w:", "s:", "const:", plan.inputs["page_table"])
+        return ExactRef(plan, {n: a.get() for n, a in mk.bufs.items() if n.startswith(keep)}, consts)
+
+    ref = host_ref()
+    for s in range(2):
+        mk.set_inputs(tok, np.full(batch, 300 + s))
+        mk.poison()
+        mk.launch(1)
+        want = ref.step(tok, np.full(batch, 300 + s), seq)
+        wbits = (want.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        got = mk.bufs[plan.logits].get()[:batch]
+        assert np.array_equal(got, wbits), f"step {s}: {int((got != wbits).sum())} of {got.size} differ"
+        tok = want.argmax(-1)
+        assert mk.tokens()[0].tolist() == tok.tolist()
+    mk.set_inputs(tok0, np.full(batch, 300))  # the cache rows at 300, 301 are rewritten with the same values
+    ref = host_ref()
+    mk.launch(8)
+    want, tok = [], tok0
+    for s in range(8):
+        tok = ref.step(tok, np.full(batch, 300 + s), seq).argmax(-1)
+        want.append(tok.tolist())
+    assert mk.tokens().tolist() == want

@@ -277,6 +277,10 @@ def register(sub) -> None:
                    help="cpu: NumPy interpreter; gpu: the CUDA megakernel (N steps in one launch)")
     p.add_argument("--steps", type=int, default=1, help="gpu: decode steps in the one launch (default: 1)")
     p.add_argument("--trace", metavar="OUT.json", help="gpu: per-SM task timeline (Chrome/Perfetto JSON)")
+    p.add_argument("--numerics", choices=["fast", "exact"], default="fast",
+                   help="gpu: fast (float32 sums, tensor cores; default) or exact (float64 sums, rounded "
+                        "only where the IR rounds: the bf16 values of a float64 reference of the graph; "
+                        "slower)")
     p.add_argument("--greedy", action="store_true",
                    help="gpu: take the most likely token where the graph samples (default: sample in the "
                         "kernel as the graph's sample op says: temperature, top-k, top-p, seed)")

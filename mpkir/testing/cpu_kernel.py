@@ -18,7 +18,7 @@ import numpy as np
 from mpkir.runtime.host import bf16_bits, launch_inputs, poison_buffers, task_table
 from mpkir.testing.cta import compile_tasks
 
-_NUMPY = {"bf16": np.uint16, "f32": np.float32, "i32": np.int32}
+_NUMPY = {"bf16": np.uint16, "f32": np.float32, "f64": np.float64, "i32": np.int32}
 
 
 class CpuMegakernel:
@@ -32,7 +32,8 @@ class CpuMegakernel:
             self.bufs[name] = a
         from mpkir.codegen.emit import so_source
 
-        self.lib = compile_tasks(plan.variants, nt, so_source(plan))  # found programs' bodies, if any
+        # found programs' bodies, if any; an exact plan's bodies accumulate in float64 (lower.NUMERICS)
+        self.lib = compile_tasks(plan.variants, nt, so_source(plan), exact=plan.numerics == "exact")
 
     def load_weights(self, weights) -> None:
         """Every weight buffer from ``weights`` (keyed by checkpoint name), as bf16."""

@@ -130,7 +130,7 @@ struct MkCpuCta {
   std::unique_ptr<MkBarrier> warp[MK_NWARP];
   alignas(16) unsigned char xch[MK_NT][8];
   unsigned frag[MK_NT][6];
-  float red[2][MK_NT];  // mk_cpu_butterfly's exchanges
+  double red[2][MK_NT];  // mk_cpu_butterfly's exchanges (float or double values)
 };
 static MkCpuCta* mk_cpu_cta;
 static inline void __syncwarp(unsigned = 0xffffffffu) {
@@ -151,12 +151,12 @@ template <class T> static inline T __shfl_xor_sync(unsigned, T v, int off) {
 // exchange alternates between two buffers: a lane writes one again only after the next call's barrier, which
 // every lane reaches after reading it.
 static thread_local int mk_cpu_red_k;
-template <class F> static inline float mk_cpu_butterfly(float v, F op) {
+template <class T, class F> static inline T mk_cpu_butterfly(T v, F op) {
   const int t = threadIdx.x;
-  float* r = mk_cpu_cta->red[mk_cpu_red_k ^= 1];
+  double* r = mk_cpu_cta->red[mk_cpu_red_k ^= 1];
   r[t] = v;
   __syncwarp();
-  float a[32], b[32];
+  T a[32], b[32];
   for (int l = 0; l < 32; ++l) a[l] = r[(t & ~31) | l];
   for (int o = 16; o > 0; o >>= 1) {
     for (int l = 0; l < 32; ++l) b[l] = op(a[l], a[l ^ o]);
@@ -217,7 +217,15 @@ static inline void mk_unpack8(uint4 v, float* f) {
     f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
 }
+static inline void mk_unpack8(uint4 v, double* d) {
+  float f[8];
+  mk_unpack8(v, f);
+  for (int i = 0; i < 8; ++i) d[i] = f[i];
+}
 static inline float mk_warp_sum(float v) { return mk_cpu_warp_sum(v); }
+static inline double mk_warp_sum(double v) {
+  return mk_cpu_butterfly(v, [](double x, double y) { return x + y; });
+}
 // bulk copies into shared memory: the issuing thread copies at once and completes the barrier's phase (the
 // barrier word counts completed phases; a wait for parity p returns once phase p is complete)
 static inline void mk_mbar_init(unsigned long long* bar) {
@@ -260,18 +268,19 @@ extern "C" void mk_cpu_run_tasks(const MkTask* tasks, int n, int it, int B, int 
 """
 
 
-def compile_tasks(variants, nt: int = 512, extra: str = "") -> ctypes.CDLL:
+def compile_tasks(variants, nt: int = 512, extra: str = "", exact: bool = False) -> ctypes.CDLL:
     """The task bodies of ``codegen/mk_tasks.cuh`` and ``mk_sample.cuh`` for the plan's ``variants`` (in
     ``Plan.variants`` order: ``a[0]`` indexes them), run by ``mk_cpu_run_tasks(tasks, n, it, B, smem)``: the
     ``n`` tasks one after the other, each by one emulated CTA of ``nt`` threads: whole warps, or fewer than
     32 threads for bodies without warp operations (``mk_sample``).
-    ``extra``: more bodies (the found programs of ``codegen.emit.so_source``)."""
+    ``extra``: more bodies (the found programs of ``codegen.emit.so_source``); ``exact``: the float64
+    accumulation of an exact plan (``MK_EXACT``)."""
     if nt % 32 and nt > 32:
         raise ValueError(f"a CTA of {nt} threads is neither whole warps nor part of one")
     cases = "\n".join(f"    case {i}: {v}(t, it, B, smem); break;" for i, v in enumerate(variants))
     dispatch = ("static void mk_cpu_dispatch(const MkTask& t, int it, int B, char* smem) {\n"
                 f"  switch (t.a[0]) {{\n{cases}\n    default: break;\n  }}\n}}\n")
     lib = compile_source(["mk_tasks.cuh", "mk_sample.cuh"], nt, extra + "\n" + dispatch + RUN_TASKS,
-                         prelude=TASK_SHIM)
+                         prelude=("#define MK_EXACT 1\n" if exact else "") + TASK_SHIM)
     lib.mk_cpu_run_tasks.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib
