@@ -793,6 +793,8 @@ def apply_found_programs(
 
     if isinstance(plan, SuperoptPlan) and plan.so_variants:
         return plan
+    if plan.numerics != "fast":  # found bodies accumulate in float32
+        raise ValueError(f"found programs run in fast numerics only (the plan's numerics: {plan.numerics})")
     entries = load_programs() if programs is None else list(programs)
     gr = _Graph(module, plan)
     rw = _Rewriter(plan, gr, extend)

@@ -41,9 +41,13 @@ def test_an_exact_plan_keeps_every_linear_on_cuda_cores_and_its_partials_in_floa
     assert "#define MK_EXACT 1" in emit_cuda(exact) and "MK_EXACT 1" not in emit_cuda(fast)
 
 
-def test_unknown_numerics_are_refused():
+def test_unknown_numerics_and_found_programs_in_an_exact_plan_are_refused():
     with pytest.raises(ValueError, match="numerics='fp8'"):
         lower(_example("qwen3_0_6b"), batch=1, numerics="fp8")
+    from mpkir.codegen.superopt_tasks import lower_superopt
+
+    with pytest.raises(ValueError, match="fast numerics only"):
+        lower_superopt(_example("qwen3_0_6b"), batch=1, numerics="exact")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
