@@ -431,7 +431,8 @@ class StepBackend:
     ``step`` returns float32 logits [T, V] (the bf16 values the graph computes).
     """
 
-    def __init__(self, module, analysis, weights, graph: str | None = None, spin_limit: int = 20_000_000):
+    def __init__(self, module, analysis, weights, graph: str | None = None, spin_limit: int = 20_000_000,
+                 numerics: str = "fast"):
         from mpkir.diagnostics import error
         from mpkir.models.backends import _bind_params, logits_module
 
@@ -440,7 +441,7 @@ class StepBackend:
         if self.params["positions"] != "positions":
             raise error("the GPU backend needs the graph's positions parameter to be named %positions")
         t0 = time.time()
-        self.mk = Megakernel(m2, batch=None, greedy=True, spin_limit=spin_limit)
+        self.mk = Megakernel(m2, batch=None, greedy=True, spin_limit=spin_limit, numerics=numerics)
         plan = self.mk.plan
         if changed and plan.logits is None:
             raise error("the GPU plan of the logits graph has no logits buffer")
@@ -579,10 +580,10 @@ class ResidentBackend(StepBackend):
 
     def __init__(self, module, analysis, weights, graph: str | None = None, spin_limit: int = 20_000_000,
                  output: str = "logits", nslots: int = 2, idle_s: float = 2.0, timeout_s: float = 120.0,
-                 kernel_pages: bool = False):
+                 kernel_pages: bool = False, numerics: str = "fast"):
         if output not in RESIDENT_OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(RESIDENT_OUTPUTS)}, not {output!r}")
-        super().__init__(module, analysis, weights, graph, spin_limit)
+        super().__init__(module, analysis, weights, graph, spin_limit, numerics)
         mk, cp = self.mk, self.mk.cp
         if not self.returns_logits:
             raise DeviceError("the resident backend needs a graph that returns the logits")
@@ -769,12 +770,14 @@ class ResidentBackend(StepBackend):
 
 
 def make_step_backend(module, analysis, weights, graph: str | None = None, resident: bool = False,
-                      output: str = "logits", kernel_pages: bool = False) -> StepBackend:
+                      output: str = "logits", kernel_pages: bool = False,
+                      numerics: str = "fast") -> StepBackend:
     """The engine's GPU step function: one resident launch for all steps (:class:`ResidentBackend`) or one
-    launch per step (:class:`StepBackend`)."""
+    launch per step (:class:`StepBackend`), in ``numerics`` (``codegen.lower.NUMERICS``)."""
     if resident:
-        return ResidentBackend(module, analysis, weights, graph, output=output, kernel_pages=kernel_pages)
-    return StepBackend(module, analysis, weights, graph)
+        return ResidentBackend(module, analysis, weights, graph, output=output, kernel_pages=kernel_pages,
+                               numerics=numerics)
+    return StepBackend(module, analysis, weights, graph, numerics=numerics)
 
 
 def run_cli(args) -> int:

@@ -118,3 +118,11 @@ def test_exact_plan_matches_the_float64_reference_bit_for_bit(tiny, batch):
         tok = ref.step(tok, np.full(batch, 37 + s), seq).argmax(-1)
         want.append(tok.tolist())
     assert cpu.tokens().tolist() == want
+
+
+def test_exact_numerics_on_the_cpu_path_are_refused(tiny):
+    from mpkir.diagnostics import MpkError
+    from mpkir.models.backends import make_backend
+
+    with pytest.raises(MpkError, match="GPU kernel setting"):
+        make_backend(tiny[1], "cpu", numerics="exact")

@@ -122,3 +122,38 @@ def test_llama3_rope_scaling_on_gpu(tmp_path):
     want, _ = _gen(m, "cpu", prompts)
     got, _ = _gen(m, "gpu", prompts)
     assert got == want
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """A Llama whose linears sum over 1024 and 4096 terms (float32 summation orders round differently)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("gpu_wide"), "llama", seed=9, n_prompts=4,
+                                 hidden=1024, intermediate=4096)
+
+
+def test_exact_numerics_do_not_depend_on_the_batch(wide_llama):
+    """numerics="exact": request 0's two prompt tokens, stepped alone (CUDA-core GEMV in the fast plan) and
+    beside request 1's six (tensor cores in the fast plan), give bit-identical logits; and each prompt's
+    greedy tokens through the resident engine are the same alone and in a batch of four."""
+    m = load_model(wide_llama["dir"], serve=MIXED, device="gpu")
+    V = int(m.analysis.env.consts["vocab"])
+    rng = np.random.default_rng()
+    table = np.arange(32, dtype=np.int32).reshape(4, 8)
+    t0, t1 = rng.integers(0, V, 2).astype(np.int32), rng.integers(0, V, 6).astype(np.int32)
+    alone = make_backend(m, "gpu", gpu_backend="step", numerics="exact")
+    assert alone.mk.plan.numerics == "exact"
+    a = alone.step(t0, np.array([0, 1], np.int32), np.zeros(2, np.int32), table)
+    both = make_backend(m, "gpu", gpu_backend="step", numerics="exact")
+    b = both.step(np.concatenate([t0, t1]), np.array([0, 1, 0, 1, 2, 3, 4, 5], np.int32),
+                  np.array([0, 0, 1, 1, 1, 1, 1, 1], np.int32), table)
+    assert np.isfinite(a).all() and np.array_equal(a.view(np.uint32), b[:2].view(np.uint32))
+
+    del alone, both
+    e = Engine(make_backend(m, "gpu", numerics="exact", greedy_only=True), EngineConfig.from_serve(m.serve))
+
+    def gen(prompts):
+        return [r.output for r in e.generate(prompts, N_NEW, SamplingParams(), stop_ids=())]
+
+    batched = gen(wide_llama["prompts"])
+    assert e.stats.max_batch >= 3
+    assert [gen([p])[0] for p in wide_llama["prompts"]] == batched

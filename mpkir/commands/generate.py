@@ -100,6 +100,7 @@ def run(args) -> int:
         greedy_only=args.sampling == "greedy",
         kernel_sampling=args.kernel_sampling,
         kernel_pages=args.kernel_pages,
+        numerics=args.numerics,
         step_tokens=args.step_tokens,
         max_seq_len=args.max_seq_len,
         speculative=args.speculative,
@@ -222,8 +223,8 @@ def run(args) -> int:
 
 
 def add_kernel_switches(p) -> None:
-    """``--[no-]kernel-sampling`` and ``--[no-]kernel-pages`` (the resident GPU kernel's own sampling and
-    KV-page allocation), shared by ``generate`` and ``serve``."""
+    """``--[no-]kernel-sampling``, ``--[no-]kernel-pages`` (the resident GPU kernel's own sampling and
+    KV-page allocation) and ``--numerics``, shared by ``generate`` and ``serve``."""
     from mpkir.models.backends import DEFAULT_KERNEL_PAGES, DEFAULT_KERNEL_SAMPLING
 
     def state(on: bool) -> str:
@@ -242,6 +243,13 @@ def add_kernel_switches(p) -> None:
         default=None,
         help="GPU resident backend: the kernel allocates and frees KV-cache pages itself "
         f"(default: $MPKIR_KERNEL_PAGES, else {state(DEFAULT_KERNEL_PAGES)})",
+    )
+    p.add_argument(
+        "--numerics",
+        choices=("fast", "exact"),
+        default="fast",
+        help="GPU: fast (float32 sums, tensor cores; default) or exact (float64 sums, rounded only where the "
+        "model rounds: a request's tokens do not depend on the batch it shares; slower)",
     )
 
 

@@ -332,6 +332,7 @@ def run(args) -> int:
         progress=prog,
         kernel_sampling=args.kernel_sampling,
         kernel_pages=args.kernel_pages,
+        numerics=args.numerics,
     )
     prog.close()
     if runner.tokenizer is None:

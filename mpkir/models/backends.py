@@ -182,6 +182,7 @@ def make_backend(
     greedy_only: bool = False,
     kernel_sampling: bool | None = None,
     kernel_pages: bool | None = None,
+    numerics: str = "fast",
 ):
     """The step function for a :class:`~mpkir.models.loader.LoadedModel` on ``cpu`` or ``gpu``.
 
@@ -193,7 +194,11 @@ def make_backend(
     operator's semantics) and returns ids; ``kernel_pages``: the resident kernel allocates and frees the KV
     pages itself (``codegen/mk_pages.cuh``; the engine only counts them). Unset: ``$MPKIR_KERNEL_SAMPLING``
     / ``$MPKIR_KERNEL_PAGES`` ("0" or "1"), else :data:`DEFAULT_KERNEL_SAMPLING` /
-    :data:`DEFAULT_KERNEL_PAGES`."""
+    :data:`DEFAULT_KERNEL_PAGES`. ``numerics``: the GPU kernel's (``codegen.lower.NUMERICS``: ``fast``, or
+    ``exact`` for the bf16 values of a float64 reference, whatever the batch); the CPU path has its own."""
+    if numerics != "fast" and device != "gpu":
+        raise error(f"numerics {numerics!r} is a GPU kernel setting: use the GPU (the CPU path computes in "
+                    "float32, or in bf16 with --precision bf16)")
     if device == "gpu":
         try:
             from mpkir.runtime import host  # the megakernel runtime (issue 4)
@@ -213,6 +218,6 @@ def make_backend(
             kernel_pages = _switch(kernel_pages, "MPKIR_KERNEL_PAGES", DEFAULT_KERNEL_PAGES)
             output = "ids" if greedy_only else ("sample" if kernel_sampling else "logits")
             return factory(loaded.module, loaded.analysis, loaded.weights, resident=True, output=output,
-                           kernel_pages=kernel_pages)
-        return factory(loaded.module, loaded.analysis, loaded.weights)
+                           kernel_pages=kernel_pages, numerics=numerics)
+        return factory(loaded.module, loaded.analysis, loaded.weights, numerics=numerics)
     return InterpreterBackend(loaded.module, loaded.analysis, loaded.weights, float_storage=float_storage)

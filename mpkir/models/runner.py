@@ -76,6 +76,7 @@ def open_runner(
     greedy_only: bool = False,
     kernel_sampling: bool | None = None,
     kernel_pages: bool | None = None,
+    numerics: str = "fast",
 ) -> Runner:
     """Load ``model`` (path or ``default``) and build an engine for ``batch`` concurrent requests.
 
@@ -83,7 +84,8 @@ def open_runner(
     every request's decode token and drafts plus a prefill chunk.  ``gpu_backend``: ``resident`` or ``step``
     (see :func:`mpkir.models.backends.make_backend`); ``greedy_only``: every request will be greedy (the
     GPU then returns token ids, not logits); ``kernel_sampling`` / ``kernel_pages``: the resident kernel
-    samples / allocates KV pages itself (None: the defaults of ``make_backend``).
+    samples / allocates KV pages itself (None: the defaults of ``make_backend``); ``numerics``: the GPU
+    kernel's (``fast`` or ``exact``).
     """
     device = pick_device(device)
     per_req = 1 + ((spec_k or 4) if speculative else 0)
@@ -115,6 +117,7 @@ def open_runner(
         greedy_only=greedy_only,
         kernel_sampling=kernel_sampling,
         kernel_pages=kernel_pages,
+        numerics=numerics,
     )
     stops = list(loaded.tokenizer.eos_token_ids) if loaded.tokenizer is not None else []
     cfg = EngineConfig.from_serve(loaded.serve, stop_ids=stops)
