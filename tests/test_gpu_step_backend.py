@@ -126,34 +126,34 @@ def test_llama3_rope_scaling_on_gpu(tmp_path):
 
 @pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory):
-    """A Llama whose linears sum over 1024 and 4096 terms (float32 summation orders round differently)."""
+    """A Llama whose linears sum over 1024 and 4096 terms."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("gpu_wide"), "llama", seed=9, n_prompts=4,
                                  hidden=1024, intermediate=4096)
 
 
-def test_exact_numerics_do_not_depend_on_the_batch(wide_llama):
-    """numerics="exact": request 0's two prompt tokens, stepped alone (CUDA-core GEMV in the fast plan) and
-    beside request 1's six (tensor cores in the fast plan), give bit-identical logits; and each prompt's
-    greedy tokens through the resident engine are the same alone and in a batch of four."""
+def test_exact_engine_steps_give_the_float64_references_bits(wide_llama):
+    """The engine's step backend in numerics="exact": prefill chunks (several tokens of one request in one
+    step, each attending to the ones before it), a decode token beside them, padding rows, pages out of order:
+    every logit of every step is mpkir.testing.exact_ref's bit for bit."""
+    from mpkir.testing.exact_ref import ExactRef
+
     m = load_model(wide_llama["dir"], serve=MIXED, device="gpu")
-    V = int(m.analysis.env.consts["vocab"])
+    gpu = make_backend(m, "gpu", gpu_backend="step", numerics="exact")
+    plan = gpu.mk.plan
+    assert plan.numerics == "exact"
     rng = np.random.default_rng()
-    table = np.arange(32, dtype=np.int32).reshape(4, 8)
-    t0, t1 = rng.integers(0, V, 2).astype(np.int32), rng.integers(0, V, 6).astype(np.int32)
-    alone = make_backend(m, "gpu", gpu_backend="step", numerics="exact")
-    assert alone.mk.plan.numerics == "exact"
-    a = alone.step(t0, np.array([0, 1], np.int32), np.zeros(2, np.int32), table)
-    both = make_backend(m, "gpu", gpu_backend="step", numerics="exact")
-    b = both.step(np.concatenate([t0, t1]), np.array([0, 1, 0, 1, 2, 3, 4, 5], np.int32),
-                  np.array([0, 0, 1, 1, 1, 1, 1, 1], np.int32), table)
-    assert np.isfinite(a).all() and np.array_equal(a.view(np.uint32), b[:2].view(np.uint32))
-
-    del alone, both
-    e = Engine(make_backend(m, "gpu", numerics="exact", greedy_only=True), EngineConfig.from_serve(m.serve))
-
-    def gen(prompts):
-        return [r.output for r in e.generate(prompts, N_NEW, SamplingParams(), stop_ids=())]
-
-    batched = gen(wide_llama["prompts"])
-    assert e.stats.max_batch >= 3
-    assert [gen([p])[0] for p in wide_llama["prompts"]] == batched
+    table = rng.permutation(32).astype(np.int32).reshape(4, 8)
+    bufs = {n: a.get() for n, a in gpu.mk.bufs.items() if n.startswith(("w:", "s:", "const:"))}
+    bufs[plan.inputs["page_table"]] = table
+    ref = ExactRef(plan, bufs, m.analysis.env.consts)
+    V = int(m.analysis.env.consts["vocab"])
+    steps = [
+        (rng.integers(0, V, 3), [0, 1, 2], [0, 0, 0]),
+        (rng.integers(0, V, 6), [3, 0, 1, 2, 3, 4], [0, 1, 1, 1, 1, 1]),
+        (rng.integers(0, V, 2), [4, 5], [0, 1]),
+    ]
+    for toks, pos, sid in steps:
+        args = (np.asarray(toks, np.int32), np.asarray(pos, np.int32), np.asarray(sid, np.int32), table)
+        got = gpu.step(*args)
+        want = ref.step(*args[:3]).astype(np.float32)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), int((got != want).sum())

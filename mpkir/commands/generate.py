@@ -249,7 +249,7 @@ def add_kernel_switches(p) -> None:
         choices=("fast", "exact"),
         default="fast",
         help="GPU: fast (float32 sums, tensor cores; default) or exact (float64 sums, rounded only where the "
-        "model rounds: a request's tokens do not depend on the batch it shares; slower)",
+        "model rounds: the bf16 values of a float64 reference of the model; slower)",
     )
 
 

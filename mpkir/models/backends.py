@@ -195,7 +195,7 @@ def make_backend(
     pages itself (``codegen/mk_pages.cuh``; the engine only counts them). Unset: ``$MPKIR_KERNEL_SAMPLING``
     / ``$MPKIR_KERNEL_PAGES`` ("0" or "1"), else :data:`DEFAULT_KERNEL_SAMPLING` /
     :data:`DEFAULT_KERNEL_PAGES`. ``numerics``: the GPU kernel's (``codegen.lower.NUMERICS``: ``fast``, or
-    ``exact`` for the bf16 values of a float64 reference, whatever the batch); the CPU path has its own."""
+    ``exact`` for the bf16 values of a float64 reference); the CPU path has its own."""
     if numerics != "fast" and device != "gpu":
         raise error(f"numerics {numerics!r} is a GPU kernel setting: use the GPU (the CPU path computes in "
                     "float32, or in bf16 with --precision bf16)")
