@@ -1,5 +1,6 @@
 // mpkir megakernel: task bodies. Each is a __device__ function run by all MK_NT threads of one CTA,
-// with pre-offset pointers (no blockIdx); bf16 storage, f32 accumulation. Parameters: see codegen/lower.py.
+// with pre-offset pointers (no blockIdx); bf16 storage, f32 accumulation (f64 in an exact build, below).
+// Parameters: see codegen/lower.py.
 #pragma once
 
 // Accumulation: float, or double in an exact build (MK_EXACT, lower(numerics="exact")): the CUDA-core bodies
