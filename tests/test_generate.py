@@ -196,12 +196,12 @@ def test_gpu_backend_choice_reaches_the_runtime(monkeypatch):
     for v in ("MPKIR_KERNEL_SAMPLING", "MPKIR_KERNEL_PAGES", "MPKIR_GPU_BACKEND"):
         monkeypatch.delenv(v, raising=False)
     loaded = SimpleNamespace(module="m", analysis="a", weights="w")
-    off = {"resident": True, "kernel_pages": False}
+    off = {"resident": True, "kernel_pages": False, "numerics": "fast"}
     make_backend(loaded, "gpu", gpu_backend="resident", greedy_only=True, kernel_pages=False)
     make_backend(loaded, "gpu", gpu_backend="resident", kernel_sampling=False, kernel_pages=False)
-    make_backend(loaded, "gpu", gpu_backend="step", greedy_only=True)
+    make_backend(loaded, "gpu", gpu_backend="step", greedy_only=True, numerics="exact")
     make_backend(loaded, "gpu", gpu_backend="resident", kernel_sampling=True, kernel_pages=True)
-    assert calls == [{**off, "output": "ids"}, {**off, "output": "logits"}, {},
+    assert calls == [{**off, "output": "ids"}, {**off, "output": "logits"}, {"numerics": "exact"},
                      {**off, "output": "sample", "kernel_pages": True}]
     calls.clear()  # unset: the environment, else the defaults
     assert make_backend(loaded, "gpu", gpu_backend="resident") == "backend"
@@ -221,15 +221,15 @@ def test_gpu_backend_choice_reaches_the_runtime(monkeypatch):
 
 @pytest.mark.parametrize("verb", ["generate", "serve"])
 def test_kernel_switches_on_the_command_line(verb, monkeypatch):
-    """``--[no-]kernel-sampling`` / ``--[no-]kernel-pages`` reach ``open_runner`` (unset: None, the
-    backend's defaults), and ``--help`` says the default."""
+    """``--[no-]kernel-sampling`` / ``--[no-]kernel-pages`` / ``--numerics`` reach ``open_runner`` (unset:
+    None, the backend's defaults; fast), and ``--help`` says the default."""
     from mpkir.cli import build_parser
 
     parser = build_parser()
-    args = parser.parse_args([verb, "--kernel-sampling", "--no-kernel-pages"])
-    assert (args.kernel_sampling, args.kernel_pages) == (True, False)
+    args = parser.parse_args([verb, "--kernel-sampling", "--no-kernel-pages", "--numerics", "exact"])
+    assert (args.kernel_sampling, args.kernel_pages, args.numerics) == (True, False, "exact")
     args = parser.parse_args([verb])
-    assert (args.kernel_sampling, args.kernel_pages) == (None, None)
+    assert (args.kernel_sampling, args.kernel_pages, args.numerics) == (None, None, "fast")
     sub = next(a for a in parser._actions if a.dest == "command").choices[verb]
     text = sub.format_help()
     assert "--no-kernel-sampling" in text and "$MPKIR_KERNEL_PAGES" in text
