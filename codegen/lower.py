@@ -1040,8 +1040,8 @@ def place(ops: list[Op], num_sms: int, sched: bool = False) -> list[list[int]]:
     (scheduler-launched JIT ops), a JIT op is placed instead (its ``jit`` cleared) unless it waits on at least
     one event of its step and every such event is :func:`gated_ops`, and SMs with no placed task get no
     slots: every visiting worker then has a task the next step's tokens wait on, so no worker is more than
-    one step behind a launch, and each op's events come in step order (the two-frame queues and ready counts
-    of mk_kernel.cuh rely on both)."""
+    one step behind a launch, and each op's events come in step order (the two step-parity heads and ready
+    counts of mk_kernel.cuh rely on both)."""
     level: list[int] = []
     for o in ops:
         level.append(1 + max((level[d] for d, lag in o.deps if lag == 0), default=-1))

@@ -2,8 +2,8 @@
 // occupancy and refuses otherwise). Each worker walks its ahead-of-time task list once per decode step; a
 // JIT slot in a list stands for an op whose tasks are handed out at run time to whichever workers reach it:
 //   MK_SCHED_WARPS > 0  scheduler warps in one more CTA (the last) pop fired events from circular queues in
-//                       device memory and launch the ops that waited on them: they fill the op's queue frame
-//                       for the step and open its head; the workers take tasks with one atomic add each;
+//                       device memory and launch the ops that waited on them: they open the op's head for
+//                       the step; the workers take its tasks (first + index) with one atomic add each;
 //   MK_SCHED_WARPS == 0 workers claim tickets from a per-op counter (compare-and-swap), no scheduler.
 // The control block's layout is runtime/jit_queue.py's. Counters are never reset: a wait for event e at step
 // `it` needs counter[e] >= triggers(e) * it.
@@ -52,14 +52,15 @@ __device__ __noinline__ bool mk_wait_stamp(const unsigned long long* p, unsigned
 __device__ __noinline__ int mk_jit_take(int* jit, int q, int it, int* status, int* dump, long long spin_limit) {
   int* r = MK_JIT_OP(jit, q);
 #if MK_SCHED_WARPS
-  // the head of this step's frame carries the step once the scheduler has launched the op (at most one step
-  // behind: the frame's previous user, step it - 2, is over for every visitor)
+  // this step parity's head carries the step once the scheduler has launched the op (at most one step
+  // behind: the head's previous user, step it - 2, is over for every visitor); its low word counts the
+  // tasks taken
   unsigned long long* head = (unsigned long long*)(r + 2 * (it & 1));
   unsigned long long v;
   if (!mk_wait_stamp(head, (unsigned)it, status, dump, spin_limit, q, it, v, 200)) return -2;
   const unsigned idx = (unsigned)atomicAdd(head, 1ull);
   if (idx >= (unsigned)r[7]) return -1;
-  return __ldcg(jit + jit[6] + r[9] + (it & 1) * r[7] + idx);
+  return r[6] + (int)idx;
 #else
   const int first = r[6], count = r[7], lim = count * it;
   int* ticket = r + 10;
@@ -95,9 +96,8 @@ __device__ __noinline__ void mk_signal_push(int* jit, unsigned long long* counte
 }
 
 // Scheduler warp w: pop `n` fired events from queue w (cursor: its position); for each JIT op that waits on
-// the event, count it into the op's ready counter; the count that completes a step launches the op: the warp
-// writes the op's task ids into the step's frame, then opens the head for the step (release). False if the
-// launch is aborting.
+// the event, count it into the op's ready counter; the count that completes a step launches the op: lane 0
+// opens the head of the step's parity for the step. False if the launch is aborting.
 __device__ __noinline__ bool mk_schedule(int* jit, int w, unsigned& cursor, long long n, int* status, int* dump,
                                          long long spin_limit) {
   const int lane = threadIdx.x & 31, L = jit[2];
@@ -120,10 +120,7 @@ __device__ __noinline__ bool mk_schedule(int* jit, int w, unsigned& cursor, long
       old = __shfl_sync(0xffffffffu, old, 0);
       const unsigned long long nr = (unsigned long long)r[8];
       if ((old + 1) % nr) continue;
-      const int it = (int)((old + 1) / nr), first = r[6], count = r[7];
-      int* frame = jit + jit[6] + r[9] + (it & 1) * count;
-      for (int i = lane; i < count; i += 32) __stcg(frame + i, first + i);
-      __syncwarp();
+      const int it = (int)((old + 1) / nr);
       if (lane == 0) {
         __threadfence();
         atomicExch((unsigned long long*)(r + 2 * (it & 1)), (unsigned long long)it << 32);

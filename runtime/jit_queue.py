@@ -1,16 +1,17 @@
 """The control block of just-in-time ops (int32 words), as ``mk_kernel.cuh`` reads it.
 
-Header (``HDR`` words): ops, scheduler queues S, slots per queue L (a power of two), and the word offsets of
-the queues, the event lists, the per-queue event counts and the task rings. Then one record of ``REC`` words
-per op: two step-stamped heads (u64, one per step parity: ``step << 32 | tasks taken``), the ready counter
-(u64: same-step events of this op that have fired), its first task, its task count, the number of
-same-step events it waits on, its ring's offset and its ticket (ticket mode). Then S event queues (a u32
-tail and L u64 slots, each ``(position + 1) << 32 | event``), each event's JIT consumers, the events each
-queue gets per step, and per JIT op a ring of two frames (task ids, one frame per step parity).
+Header (``HDR`` words): ops, scheduler queues S, slots per queue L (a power of two), the word offsets of
+the queues, the event lists and the per-queue event counts, and 1 when there are scheduler queues. Then one
+record of ``REC`` words per op: two step-stamped heads (u64, one per step parity: ``step << 32 | tasks
+taken``), the ready counter (u64: same-step events of this op that have fired), its first task, its task
+count, the number of same-step events it waits on and its ticket (ticket mode). Then S event queues (a u32
+tail and L u64 slots, each ``(position + 1) << 32 | event``), each event's JIT consumers and the events each
+queue gets per step.
 
 Workers that signal the last task of a launching event push it to queue ``a[15] - 1`` of their task
 (:func:`event_queues`); scheduler warp s pops queue s, counts the event into each consumer's ready counter,
-and the warp that completes a count fills that op's frame and opens its head for the step.
+and the warp that completes a count opens that op's head for the step; a worker's take of index i there is
+task ``first + i``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mpkir.codegen.lower import Plan, jit_consumers, jit_events
 HDR = 16
 REC = 16
 # record fields (word offsets)
-HEAD0, HEAD1, READY, FIRST, COUNT, NREADY, RING, TICKET = 0, 2, 4, 6, 7, 8, 9, 10
+HEAD0, HEAD1, READY, FIRST, COUNT, NREADY, TICKET = 0, 2, 4, 6, 7, 8, 10
 
 
 def event_queues(plan: Plan) -> dict[int, int]:
@@ -56,19 +57,13 @@ def jit_block(plan: Plan) -> np.ndarray:
         flat += consumers.get(e, [])
         evl.append(len(flat))
     c0 = e0 + len(evl) + len(flat)
-    r0 = c0 + S
-    r0 += r0 & 1
-    ring_words = sum(2 * len(o.tasks) for o in plan.ops if o.jit) if S else 0
-    blk = np.zeros(r0 + ring_words + (r0 + ring_words) % 2, np.int32)
-    blk[:8] = (n_ops, S, L, q0, e0, c0, r0, 1 if S else 0)
-    ring = 0
+    blk = np.zeros(c0 + S, np.int32)
+    blk[:7] = (n_ops, S, L, q0, e0, c0, 1 if S else 0)
     for i, o in enumerate(plan.ops):
         rec = blk[HDR + REC * i : HDR + REC * (i + 1)]
         rec[FIRST], rec[COUNT] = o.first_task, len(o.tasks)
         if S and o.jit:
             rec[NREADY] = sum(1 for _, lag in o.deps if lag == 0)
-            rec[RING] = ring
-            ring += 2 * len(o.tasks)
     blk[e0 : e0 + len(evl)] = evl
     blk[e0 + len(evl) : c0] = flat
     blk[c0 : c0 + S] = per_queue
