@@ -15,6 +15,7 @@ from mpkir.codegen.emit import emit_cuda
 from mpkir.codegen.lower import lower
 from mpkir.models.loader import load_model
 from mpkir.parser import parse
+from mpkir.runtime.host import bf16_bits
 from mpkir.semantics import build_env
 from mpkir.testing.cta import compiler
 from mpkir.testing.exact_ref import ExactRef
@@ -64,15 +65,11 @@ def tiny(request, tmp_path_factory):
     return ck, load_model(ck["dir"], serve=SERVE)
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
-    return (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-
-
 def _random_caches(cpu, plan, rng) -> dict:
     """Random bf16 k/v in every page (an already-decoded context); returns a copy of them."""
     for name, b in plan.buffers.items():
         if name.startswith(("s:k_cache", "s:v_cache")):
-            cpu.bufs[name][...] = _bits(rng.standard_normal(b.shape))
+            cpu.bufs[name][...] = bf16_bits(rng.standard_normal(b.shape))
     return {n: a.copy() for n, a in cpu.bufs.items() if n.startswith(("s:k_cache", "s:v_cache"))}
 
 
@@ -103,7 +100,8 @@ def test_exact_plan_matches_the_float64_reference_bit_for_bit(tiny, batch):
         cpu.run(1)
         want = ref.step(tok, pos, seq)
         got = cpu.bufs[plan.logits][:batch]
-        assert np.array_equal(got, _bits(want)), f"step {s}: {int((got != _bits(want)).sum())} logits differ"
+        wb = bf16_bits(want)
+        assert np.array_equal(got, wb), f"step {s}: {int((got != wb).sum())} logits differ"
         assert cpu.tokens()[0].tolist() == want.argmax(-1).tolist()
         tok = want.argmax(-1)
     # free running from the same start: the kernel feeds its own tokens back

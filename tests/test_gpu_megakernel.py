@@ -131,7 +131,7 @@ def test_exact_plan_gives_the_float64_references_bits(name, batch):
     the reference's."""
     from mpkir.models import config as mconfig
     from mpkir.parser import parse
-    from mpkir.runtime.host import Megakernel
+    from mpkir.runtime.host import Megakernel, bf16_bits
     from mpkir.semantics import build_env
     from mpkir.testing.exact_ref import ExactRef
 
@@ -157,7 +157,7 @@ def test_exact_plan_gives_the_float64_references_bits(name, batch):
         mk.poison()
         mk.launch(1)
         want = ref.step(tok, np.full(batch, 300 + s), seq)
-        wbits = (want.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        wbits = bf16_bits(want)
         got = mk.bufs[plan.logits].get()[:batch]
         assert np.array_equal(got, wbits), f"step {s}: {int((got != wbits).sum())} of {got.size} differ"
         tok = want.argmax(-1)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from mpkir.runtime.host import bf16_bits
+
 
 def bf16(x: np.ndarray) -> np.ndarray:
     """float64 -> float32 -> bf16 (round to nearest even each time), back as float64."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    r = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)) << np.uint32(16)
-    return r.view(np.float32).astype(np.float64)
+    return from_bits(bf16_bits(x))
 
 
 def from_bits(a: np.ndarray) -> np.ndarray:
@@ -91,8 +91,8 @@ class ExactRef:
         q, k = self.rope(q, pos), self.rope(k, pos)
         PG = self.kc[i].shape[1]
         page, slot = self.table[seq, pos // PG], pos % PG
-        self.kc[i][page, slot] = (k.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-        self.vc[i][page, slot] = (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        self.kc[i][page, slot] = bf16_bits(k)
+        self.vc[i][page, slot] = bf16_bits(v)
         pages, slots = self._slots(seq, pos + 1)
         K = from_bits(self.kc[i][pages, slots])  # [T, kv, D]
         V = from_bits(self.vc[i][pages, slots])
